@@ -1,0 +1,258 @@
+"""Run configuration: typed sections with the published recipe as defaults, loaded from YAML and
+`--opts section.key=value` overrides, validated before any work starts.
+
+Every error is one line naming the key and the fix; `describe_schema()` renders the reference
+table the README shows, so documentation and code cannot drift.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: the message names the key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default="dwnet_tiny", metadata={"help": "registered model (timm registry)"})
+    num_classes: int = field(default=1000, metadata={"help": "classifier outputs"})
+    drop_path_rate: float | None = field(default=None, metadata={"help": "stochastic depth; null = the model's published rate"})
+    pretrained: str | None = field(default=None, metadata={"help": "initial weights: official .pth or exported file (fine-tuning)"})
+    pretrained_strict: bool = field(default=True, metadata={"help": "false: load a backbone whose head does not match num_classes"})
+    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing per block"})
+    sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across ranks (small per-rank batches)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+
+
+@dataclass
+class DataConfig:
+    backend: str = field(default="ffcv", metadata={"help": "ffcv (.beton files) or imagefolder (torchvision, for comparison)"})
+    train_path: str = field(default="", metadata={"help": "train .beton (ffcv) or ImageFolder directory"})
+    val_path: str = field(default="", metadata={"help": "val .beton (ffcv) or ImageFolder directory"})
+    image_size: int = field(default=224, metadata={"help": "train/eval resolution"})
+    crop_pct: float = field(default=0.875, metadata={"help": "eval center-crop ratio (224/256)"})
+    batch_size: int = field(default=128, metadata={"help": "images per rank per micro-step"})
+    num_workers: int = field(default=8, metadata={"help": "decode workers per rank"})
+    os_cache: bool = field(default=True, metadata={"help": "ffcv: let the OS page cache hold the .beton"})
+    batches_ahead: int = field(default=3, metadata={"help": "ffcv: batches prefetched"})
+
+
+@dataclass
+class AugmentConfig:
+    scale: tuple[float, float] = field(default=(0.08, 1.0), metadata={"help": "RandomResizedCrop area range"})
+    ratio: tuple[float, float] = field(default=(0.75, 4 / 3), metadata={"help": "RandomResizedCrop aspect range"})
+    hflip: float = field(default=0.5, metadata={"help": "horizontal flip probability"})
+    rand_augment: str = field(default="rand-m9-mstd0.5-inc1", metadata={"help": "timm RandAugment spec; empty disables"})
+    random_erasing: float = field(default=0.25, metadata={"help": "random erasing probability (pixel mode)"})
+    mixup: float = field(default=0.8, metadata={"help": "mixup alpha; 0 disables"})
+    cutmix: float = field(default=1.0, metadata={"help": "cutmix alpha; 0 disables"})
+    mixup_switch_prob: float = field(default=0.5, metadata={"help": "probability of cutmix when both are on"})
+    mixup_mode: str = field(default="batch", metadata={"help": "batch, pair or elem"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing"})
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = field(default=300, metadata={"help": "training epochs"})
+    warmup_epochs: float = field(default=20, metadata={"help": "linear warmup epochs"})
+    base_lr: float = field(default=5e-4, metadata={"help": "peak LR at lr_reference_batch images per step"})
+    warmup_lr: float = field(default=5e-7, metadata={"help": "LR at step 0 (scaled like base_lr)"})
+    min_lr: float = field(default=5e-6, metadata={"help": "cosine floor (scaled like base_lr)"})
+    lr_reference_batch: int = field(default=512, metadata={"help": "LRs scale linearly by global batch / this"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW decay (not on norms, biases, 1-D params)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW eps"})
+    grad_clip: float = field(default=5.0, metadata={"help": "gradient-norm clipping (always written to DeepSpeed)"})
+    accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+
+
+@dataclass
+class EngineConfig:
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (fp16 only on request: the base models diverge)"})
+    zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
+    seed: int = field(default=0, metadata={"help": "global seed (data order, init, augmentation)"})
+    deepspeed_config: str | None = field(default=None, metadata={"help": "extra DeepSpeed JSON/YAML merged over the generated one"})
+    ema: bool = field(default=False, metadata={"help": "timm ModelEmaV3 of the weights (ZeRO 0-2)"})
+    ema_decay: float = field(default=0.9998, metadata={"help": "EMA decay per optimizer step"})
+    nonfinite_max_skips: int = field(default=5, metadata={"help": "skipped non-finite steps within the window that trigger a rollback"})
+    nonfinite_window: int = field(default=200, metadata={"help": "optimizer steps the skip count looks back over"})
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = field(default="runs/default", metadata={"help": "run directory: checkpoints, logs, exported model"})
+    every_steps: int = field(default=1000, metadata={"help": "save every N optimizer steps (0: only at epoch end)"})
+    keep_last: int = field(default=2, metadata={"help": "recent checkpoints kept (the best one is kept too)"})
+    auto_resume: bool = field(default=True, metadata={"help": "continue from the newest complete checkpoint in dir"})
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = field(default=20, metadata={"help": "TensorBoard / console logging interval"})
+    tensorboard: bool = field(default=True, metadata={"help": "DeepSpeed monitor to TensorBoard under <dir>/tensorboard"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on rank 0"})
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.backend": ("ffcv", "imagefolder"),
+    "engine.precision": ("fp32", "bf16", "fp16"),
+    "engine.zero_stage": (0, 1, 2, 3),
+    "augment.mixup_mode": ("batch", "pair", "elem"),
+}
+
+
+# ---- loading --------------------------------------------------------------------------------
+def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
+    """Checks/converts one value against its field type; raises a one-line ConfigError."""
+    hint = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if hint in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(key, value, inner, source)
+    if hint is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{source}: {key} must be a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(key, v, a, source) for v, a in zip(value, args))
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is str and value is None:
+        return ""
+    if annotation in (int, float, str, bool) and not (type(value) is annotation):
+        raise ConfigError(f"{source}: {key} must be {annotation.__name__}, got {value!r} "
+                          f"({type(value).__name__}); write e.g. {key}={_example(annotation)}")
+    return value
+
+
+def _example(annotation: type) -> str:
+    return {int: "8", float: "0.001", str: "name", bool: "true"}[annotation]
+
+
+def _apply(cfg: Any, values: dict[str, Any], prefix: str, source: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            fix = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
+            raise ConfigError(f"{source}: unknown key '{key}'; {fix}")
+        current = getattr(cfg, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{key}' is a section; give it a mapping of keys, not {value!r}")
+            _apply(current, value, f"{key}.", source)
+        else:
+            setattr(cfg, name, _coerce(key, value, hints[name], source))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['optim.epochs=10', 'data.batch_size=64'] -> nested dict, values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--opts {item!r}: write overrides as section.key=value, e.g. optim.epochs=10")
+        dotted, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = nested
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults (published recipe) <- YAML file <- overrides; then validate()."""
+    cfg = RunConfig()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: config file not found; see ds_configs/ for examples")
+        with open(path) as fh:
+            try:
+                values = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f" line {mark.line + 1}" if mark else ""
+                raise ConfigError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections (model:, data:, ...)")
+        _apply(cfg, values, "", str(path))
+    if overrides:
+        _apply(cfg, parse_overrides(overrides), "", "--opts")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Rejects impossible combinations before any process group, data or model is built."""
+    flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}={flat[key]!r} is not one of {', '.join(map(str, allowed))}")
+    positive = ["data.image_size", "data.batch_size", "optim.epochs", "optim.accumulation_steps",
+                "optim.lr_reference_batch", "checkpoint.keep_last", "log.every_steps", "engine.nonfinite_window",
+                "engine.nonfinite_max_skips"]
+    for key in positive:
+        if flat[key] <= 0:
+            raise ConfigError(f"{key}={flat[key]} must be > 0")
+    for key in ("optim.grad_clip", "optim.base_lr", "data.num_workers", "checkpoint.every_steps", "optim.warmup_epochs"):
+        if flat[key] < 0:
+            raise ConfigError(f"{key}={flat[key]} must be >= 0")
+    if cfg.optim.warmup_epochs >= cfg.optim.epochs and cfg.optim.epochs > 0:
+        raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} must be < optim.epochs={cfg.optim.epochs}; "
+                          "lower optim.warmup_epochs")
+    if not 0 < cfg.data.crop_pct <= 1:
+        raise ConfigError(f"data.crop_pct={cfg.data.crop_pct} must be in (0, 1]; 0.875 is 224/256")
+    for key in ("augment.hflip", "augment.random_erasing", "augment.mixup_switch_prob", "augment.label_smoothing"):
+        if not 0 <= flat[key] <= 1:
+            raise ConfigError(f"{key}={flat[key]} must be a probability in [0, 1]")
+    if cfg.engine.ema and cfg.engine.zero_stage == 3:
+        raise ConfigError("engine.ema=true needs whole parameters on every rank, which ZeRO-3 partitions; "
+                          "use engine.zero_stage<=2 or engine.ema=false")
+    if not 0 < cfg.engine.ema_decay < 1:
+        raise ConfigError(f"engine.ema_decay={cfg.engine.ema_decay} must be in (0, 1)")
+    if cfg.model.sync_bn and cfg.engine.zero_stage == 3:
+        raise ConfigError("model.sync_bn=true is not supported with ZeRO-3 (partitioned BN parameters); "
+                          "use engine.zero_stage<=2")
+
+
+def global_batch_size(cfg: RunConfig, world_size: int) -> int:
+    return cfg.data.batch_size * cfg.optim.accumulation_steps * world_size
+
+
+def describe_schema() -> str:
+    """Markdown table of every key, its default and its meaning (rendered into the README)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for section in dataclasses.fields(RunConfig):
+        for f in dataclasses.fields(section.default_factory()):
+            default = getattr(section.default_factory(), f.name)
+            shown = "null" if default is None else (f'"{default}"' if isinstance(default, str) else default)
+            if isinstance(default, tuple):
+                shown = "[" + ", ".join(f"{x:g}" for x in default) + "]"
+            rows.append(f"| `{section.name}.{f.name}` | `{shown}` | {f.metadata.get('help', '')} |")
+    return "\n".join(rows)
