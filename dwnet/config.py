@@ -140,6 +140,12 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
         return tuple(_coerce(key, v, a, source) for v, a in zip(value, args))
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads '5e-4' (no dot) as a string; accept it as the number it obviously is.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is str and value is None:
         return ""
     if annotation in (int, float, str, bool) and not (type(value) is annotation):

@@ -1,0 +1,137 @@
+"""Crash-safe DeepSpeed checkpoints: a tag counts only once every rank finished writing it.
+
+Layout under the run directory:
+    checkpoints/step_00001200/...   DeepSpeed files of that tag, plus
+        COMPLETE                    written by rank 0 after a barrier: the tag is whole
+        rng_rank{r}.pt              each rank's RNG states (exact resume)
+    checkpoints/latest              name of the newest complete tag (atomic replace)
+    checkpoints/best                name of the tag with the best validation top-1
+A SIGKILL mid-save leaves a tag without COMPLETE, which resume ignores and pruning removes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE"
+
+
+def checkpoint_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def tag_for_step(step: int, suffix: str = "") -> str:
+    """Tags sort by step; a suffixed tag of the same step sorts after (is newer than) the plain one."""
+    return f"step_{step:08d}" + (f".{suffix}" if suffix else "")
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def complete_tags(root: str) -> list[str]:
+    """Complete tags, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    tags = [t for t in os.listdir(root) if t.startswith("step_") and os.path.isfile(os.path.join(root, t, COMPLETE))]
+    return sorted(tags)
+
+
+def read_pointer(root: str, name: str) -> str | None:
+    path = os.path.join(root, name)
+    if not os.path.isfile(path):
+        return None
+    tag = open(path).read().strip()
+    return tag if os.path.isfile(os.path.join(root, tag, COMPLETE)) else None
+
+
+def read_meta(root: str, tag: str) -> dict[str, Any]:
+    with open(os.path.join(root, tag, COMPLETE)) as fh:
+        return json.load(fh)
+
+
+def newest_complete_tag(root: str) -> str | None:
+    tags = complete_tags(root)
+    return tags[-1] if tags else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep_last: int,
+         is_best: bool = False, meta: dict[str, Any] | None = None, suffix: str = "") -> str:
+    """Collective: every rank must call it. `meta` goes into COMPLETE, readable without DeepSpeed.
+    Never overwrites a complete tag (use `suffix` to save again at the same step). Returns the tag."""
+    root = checkpoint_root(run_dir)
+    tag = tag_for_step(step, suffix)
+    if os.path.isfile(os.path.join(root, tag, COMPLETE)):
+        return tag
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), os.path.join(root, tag, f"rng_rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        _atomic_write_text(os.path.join(root, tag, COMPLETE), json.dumps(dict(meta or {}, step=step)))
+        _atomic_write_text(os.path.join(root, "latest"), tag)
+        if is_best:
+            _atomic_write_text(os.path.join(root, "best"), tag)
+        prune(root, keep_last)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag
+
+
+def prune(root: str, keep_last: int) -> None:
+    """Removes complete tags beyond the newest `keep_last` (sparing `best`) and incomplete ones.
+
+    Called on rank 0 after every rank finished saving, so an incomplete tag is a killed save.
+    """
+    keep = set(complete_tags(root)[-keep_last:])
+    best = read_pointer(root, "best")
+    if best:
+        keep.add(best)
+    for tag in os.listdir(root):
+        path = os.path.join(root, tag)
+        if tag.startswith("step_") and os.path.isdir(path) and tag not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load(engine, run_dir: str, tag: str, load_optimizer_states: bool = True) -> dict[str, Any]:
+    """Loads `tag` into the engine and this rank's RNG states; returns the client state."""
+    root = checkpoint_root(run_dir)
+    _, client_state = engine.load_checkpoint(
+        root, tag=tag, load_optimizer_states=load_optimizer_states,
+        load_lr_scheduler_states=False, load_module_strict=True)
+    if client_state is None:
+        raise RuntimeError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint; "
+                           "remove the tag directory to fall back to the previous one")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = os.path.join(root, tag, f"rng_rank{rank}.pt")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state

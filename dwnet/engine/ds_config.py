@@ -1,0 +1,87 @@
+"""The DeepSpeed config a run uses, generated from the run config so the two cannot disagree."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+import yaml
+
+from dwnet.config import ConfigError, RunConfig
+
+# Keys that the run config owns; a user DeepSpeed file may not contradict them silently.
+_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+          "gradient_clipping", "optimizer", "scheduler")
+
+
+def load_user_deepspeed_config(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: DeepSpeed config not found (engine.deepspeed_config / --deepspeed_config)")
+    with open(path) as fh:
+        try:
+            values = json.load(fh) if path.endswith(".json") else yaml.safe_load(fh)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({err})") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a mapping")
+    return values
+
+
+def build_deepspeed_config(cfg: RunConfig, world_size: int, precision: str | None = None) -> dict[str, Any]:
+    """DeepSpeed JSON for this run. `precision` overrides cfg (used by the bf16 -> fp32 fallback)."""
+    precision = precision or cfg.engine.precision
+    if precision == "fp16":
+        warnings.warn("fp16 with dynamic loss scaling was requested explicitly; the published DWNet base "
+                      "models diverge under fp16 AMP. Prefer engine.precision=bf16 or fp32.", stacklevel=2)
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.optim.accumulation_steps,
+        "train_batch_size": cfg.data.batch_size * cfg.optim.accumulation_steps * world_size,
+        # Written explicitly: DeepSpeed's default changed over releases; the recipe clips at 5.0.
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,  # our own logging; DeepSpeed's per-step print is noise
+        "wall_clock_breakdown": False,
+        "tensorboard": {
+            "enabled": cfg.log.tensorboard,
+            "output_path": os.path.join(cfg.checkpoint.dir, "tensorboard"),
+            "job_name": "train",
+        },
+    }
+    if cfg.engine.zero_stage == 3:
+        # Gather whole weights into the saved model file so export works without zero_to_fp32.
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.engine.deepspeed_config:
+        user = load_user_deepspeed_config(cfg.engine.deepspeed_config)
+        for key in _OWNED:
+            if key in user and user[key] != ds.get(key, user[key]):
+                raise ConfigError(
+                    f"{cfg.engine.deepspeed_config}: '{key}'={user[key]!r} contradicts the run config "
+                    f"({ds.get(key)!r}); set it through the run config (data.batch_size, "
+                    "optim.accumulation_steps, optim.grad_clip) and remove it from the DeepSpeed file")
+            if key in ("optimizer", "scheduler") and key in user:
+                raise ConfigError(f"{cfg.engine.deepspeed_config}: '{key}' is built by dwnet-ds (AdamW + "
+                                  "warmup/cosine from the optim section); remove it from the DeepSpeed file")
+        merged = _deep_merge(ds, user)
+        for section, key, owner in (("bf16", "enabled", "engine.precision"), ("fp16", "enabled", "engine.precision"),
+                                    ("zero_optimization", "stage", "engine.zero_stage")):
+            if merged[section][key] != ds[section][key]:
+                raise ConfigError(
+                    f"{cfg.engine.deepspeed_config}: '{section}.{key}'={merged[section][key]!r} contradicts "
+                    f"{owner}; set {owner} instead (e.g. --opts {owner}=...)")
+        ds = merged
+    return ds
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,69 @@
+"""Consolidated fp32 weights from a DeepSpeed checkpoint, in the official release format."""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import torch
+
+from . import checkpointing
+
+
+def _model_states_file(tag_dir: str) -> str:
+    # ZeRO 0-2: mp_rank_00_model_states.pt; ZeRO-3: zero_pp_rank_0_mp_rank_00_model_states.pt
+    for pattern in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        path = os.path.join(tag_dir, pattern)
+        if os.path.isfile(path):
+            return path
+    found = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
+    if not found:
+        raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states file; is this a checkpoint tag directory?")
+    return found[0]
+
+
+def read_client_state(root: str, tag: str) -> dict[str, Any]:
+    """The DeepSpeed model-states dict of a tag (client state keys live at its top level)."""
+    return torch.load(_model_states_file(os.path.join(root, tag)), map_location="cpu", weights_only=False)
+
+
+def consolidated_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 state_dict of the whole model: fp32 master weights where DeepSpeed keeps them
+    (ZeRO 1-3, bf16/fp16 optimizers) merged over the saved module (which holds the buffers)."""
+    states = read_client_state(root, tag)
+    module = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    has_master_weights = glob.glob(os.path.join(root, tag, "*optim_states.pt"))
+    zero_stage = states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
+    low_precision = any(states.get("ds_config", {}).get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
+    if has_master_weights and (zero_stage > 0 or low_precision):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        master = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+        module.update({k: v.float() for k, v in master.items()})
+    return module
+
+
+def export_official(root: str, tag: str, out_path: str, extra: dict[str, Any] | None = None) -> str:
+    """Writes `{'model': fp32 state_dict, 'epoch', 'max_accuracy'}` atomically; returns out_path."""
+    states = read_client_state(root, tag)
+    progress = states.get("progress", {})
+    payload = {"model": consolidated_state_dict(root, tag), "epoch": progress.get("epoch", 0),
+               "max_accuracy": progress.get("best_top1", -1.0)}
+    payload.update(extra or {})
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.tmp.{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def resolve_tag(run_dir: str, which: str = "best") -> str:
+    """'best', 'latest' or an explicit tag of the run directory's checkpoints."""
+    root = checkpointing.checkpoint_root(run_dir)
+    if which in ("best", "latest"):
+        tag = checkpointing.read_pointer(root, which) or checkpointing.newest_complete_tag(root)
+    else:
+        tag = which if os.path.isfile(os.path.join(root, which, checkpointing.COMPLETE)) else None
+    if tag is None:
+        raise FileNotFoundError(f"{root}: no complete checkpoint ({which}); train first or pass --checkpoint-tag")
+    return tag

@@ -1,0 +1,79 @@
+"""AdamW with the published parameter groups, LR scaling and the warmup + cosine schedule."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from timm.scheduler import CosineLRScheduler
+
+from dwnet.config import OptimConfig
+
+
+@dataclass(frozen=True)
+class ScaledLRs:
+    base: float
+    warmup: float
+    min: float
+
+
+def scaled_lrs(optim: OptimConfig, global_batch: int) -> ScaledLRs:
+    """Linear scaling rule: every LR is multiplied by global batch (incl. accumulation) / reference."""
+    factor = global_batch / optim.lr_reference_batch
+    return ScaledLRs(optim.base_lr * factor, optim.warmup_lr * factor, optim.min_lr * factor)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weights, and undecayed norms / biases / 1-D params / no_weight_decay()."""
+    skip_names = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or name in skip_names:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that refuses a step whose gradients are not finite, and says so via `overflow`.
+
+    DeepSpeed's ZeRO and bf16 optimizers already skip such steps and expose `overflow`; the plain
+    fp32 ZeRO-0 path hands gradients straight to this optimizer, so the same guarantee (no
+    parameter or optimizer-state change) is given here. DeepSpeed reads `overflow` to count the
+    step as skipped.
+    """
+
+    overflow: bool = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        self.overflow = not bool(finite)
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig, lrs: ScaledLRs) -> GuardedAdamW:
+    return GuardedAdamW(param_groups(model, optim.weight_decay), lr=lrs.base, betas=optim.betas, eps=optim.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, lrs: ScaledLRs,
+                    steps_per_epoch: int) -> CosineLRScheduler:
+    """Per-optimizer-step schedule: linear warmup from warmup LR, then cosine down to min LR.
+
+    Drive it with `scheduler.step_update(num_updates)` after each optimizer step.
+    """
+    warmup_steps = int(round(optim.warmup_epochs * steps_per_epoch))
+    total_steps = optim.epochs * steps_per_epoch
+    return CosineLRScheduler(
+        optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=lrs.min,
+        warmup_lr_init=lrs.warmup, warmup_t=warmup_steps, warmup_prefix=True,
+        cycle_limit=1, t_in_epochs=False)

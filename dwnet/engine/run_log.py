@@ -1,0 +1,84 @@
+"""What a run leaves behind on rank 0: a text log with the config and environment at the top,
+a per-epoch CSV (appended and fsynced, so a crash never loses a written row), and scalars
+through DeepSpeed's monitor (TensorBoard)."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+import yaml
+
+from dwnet.config import RunConfig
+
+CSV_FIELDS = ["epoch", "step", "precision", "lr", "train_loss", "val_top1", "val_top5", "val_loss",
+              "ema_top1", "ema_top5", "skipped_steps", "images_per_s", "epoch_seconds"]
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "torchvision", "deepspeed", "timm", "ffcv", "numpy", "dwnet-ds"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+class RunLog:
+    def __init__(self, run_dir: str, rank: int):
+        self.rank = rank
+        self.run_dir = run_dir
+        self.logger = logging.getLogger("dwnet")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        if not self.logger.handlers:
+            fmt = logging.Formatter("%(asctime)s [rank %(rank)s] %(message)s", "%H:%M:%S")
+            console = logging.StreamHandler(sys.stdout)
+            console.setFormatter(fmt)
+            self.logger.addHandler(console)
+            if rank == 0:
+                os.makedirs(run_dir, exist_ok=True)
+                handler = logging.FileHandler(os.path.join(run_dir, "train.log"))
+                handler.setFormatter(fmt)
+                self.logger.addHandler(handler)
+        self.monitor = None
+
+    def info(self, msg: str, *args: Any, all_ranks: bool = False) -> None:
+        if self.rank == 0 or all_ranks:
+            self.logger.info(msg, *args, extra={"rank": self.rank})
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self.logger.warning(msg, *args, extra={"rank": self.rank})
+
+    def header(self, cfg: RunConfig, world_size: int, precision: str, deepspeed_config: dict) -> None:
+        if self.rank != 0:
+            return
+        env = dict(package_versions(), world_size=world_size, precision=precision,
+                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                   host=platform.node())
+        self.info("environment:\n%s", yaml.safe_dump(env, sort_keys=False).rstrip())
+        self.info("config:\n%s", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+        self.info("deepspeed config: %s", deepspeed_config)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.rank == 0 and self.monitor is not None and self.monitor.enabled:
+            self.monitor.write_events([(name, float(v), step) for name, v in values.items()])
+
+    def epoch_row(self, row: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        path = os.path.join(self.run_dir, "metrics.csv")
+        new = not os.path.isfile(path)
+        with open(path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            fh.flush()
+            os.fsync(fh.fileno())

@@ -1,0 +1,351 @@
+"""The training loop on a DeepSpeed engine: build, train, evaluate, checkpoint, resume, recover.
+
+Read top to bottom: `Trainer.__init__` builds model, data, optimizer and engine; `fit()` runs the
+epochs; `_train_epoch()` is the loop; the rest are the pieces it calls.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import deepspeed
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3, distribute_bn
+from tqdm import tqdm
+
+import dwnet.models  # noqa: F401  (registers the models)
+from dwnet.config import ConfigError, RunConfig, global_batch_size
+from dwnet.models import load_checkpoint, read_state_dict
+
+from . import checkpointing
+from .ds_config import build_deepspeed_config
+from .export import consolidated_state_dict, read_client_state
+from .metrics import evaluate
+from .nonfinite import NonFiniteGuard, Verdict
+from .optim import build_optimizer, build_scheduler, scaled_lrs
+from .run_log import RunLog
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingDiverged(RuntimeError):
+    """Non-finite steps persisted after the fallback: the run stops instead of burning compute."""
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint and restored on resume."""
+    epoch: int = 0
+    batch_in_epoch: int = 0  # next micro-batch of `epoch` to run
+    step: int = 0  # optimizer steps taken (skipped ones included)
+    best_top1: float = -1.0
+    precision: str = "fp32"
+    fallbacks: int = 0
+    history: list = field(default_factory=list)  # precision switches, for the record
+
+
+def build_model(cfg: RunConfig) -> nn.Module:
+    kwargs = {"num_classes": cfg.model.num_classes}
+    if cfg.model.drop_path_rate is not None:
+        kwargs["drop_path_rate"] = cfg.model.drop_path_rate
+    try:
+        model = timm.create_model(cfg.model.name, pretrained=False, **kwargs)
+    except RuntimeError as err:
+        raise ConfigError(f"model.name={cfg.model.name!r}: {err}; see `timm.list_models('*dwnet*')`") from err
+    if cfg.model.pretrained:
+        if cfg.model.pretrained_strict:
+            load_checkpoint(model, cfg.model.pretrained, strict=True)
+        else:
+            # Fine-tuning on another label set: take the backbone, keep the new head's init.
+            own = model.state_dict()
+            state = {k: v for k, v in read_state_dict(cfg.model.pretrained).items()
+                     if k in own and v.shape == own[k].shape}
+            model.load_state_dict(state, strict=False)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if cfg.model.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # model.channels_last is applied to the input batches only: activations follow the input's
+    # memory format, while parameters stay contiguous as DeepSpeed's flat buffers require.
+    return model
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, device: torch.device):
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.run_dir = cfg.checkpoint.dir
+        self.log = RunLog(self.run_dir, rank)
+        if cfg.model.sync_bn and device.type == "cpu":
+            raise ConfigError("model.sync_bn=true needs CUDA devices (torch SyncBatchNorm has no CPU kernel); "
+                              "set model.sync_bn=false for CPU runs")
+        self.progress = Progress(precision=cfg.engine.precision)
+        self.resume_tag = self._find_resume_tag()
+        if self.resume_tag:
+            meta = checkpointing.read_meta(checkpointing.checkpoint_root(self.run_dir), self.resume_tag)
+            self.progress.precision = meta.get("precision", self.progress.precision)
+        self._build_data()
+        self.guard = NonFiniteGuard(cfg.engine.nonfinite_max_skips, cfg.engine.nonfinite_window)
+        self._build_engine(self.progress.precision)
+        if self.resume_tag:
+            self._resume(self.resume_tag)
+
+    # ---- construction ---------------------------------------------------------------------
+    def _build_data(self) -> None:
+        from dwnet.data import build_train_loader, build_val_loader
+
+        cfg = self.cfg
+        self.train_loader = None
+        if cfg.data.train_path:
+            self.train_loader = build_train_loader(
+                cfg.data, cfg.augment, num_classes=cfg.model.num_classes, rank=self.rank,
+                world_size=self.world_size, seed=cfg.engine.seed, device=self.device,
+                channels_last=cfg.model.channels_last)
+            if len(self.train_loader) < cfg.optim.accumulation_steps:
+                raise ConfigError(
+                    f"data.train_path={cfg.data.train_path}: {len(self.train_loader)} batches per rank per epoch, "
+                    f"fewer than optim.accumulation_steps={cfg.optim.accumulation_steps}; lower data.batch_size")
+        self.val_loader = None
+        if cfg.data.val_path:
+            self.val_loader = build_val_loader(cfg.data, rank=self.rank, world_size=self.world_size,
+                                               device=self.device, channels_last=cfg.model.channels_last)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader) // self.cfg.optim.accumulation_steps if self.train_loader else 0
+
+    def _build_engine(self, precision: str, state_dict: dict | None = None) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.engine.seed)  # identical initial weights on every rank
+        model = build_model(cfg)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        self.ema = ModelEmaV3(model, decay=cfg.engine.ema_decay, device=self.device) if cfg.engine.ema else None
+        self.lrs = scaled_lrs(cfg.optim, global_batch_size(cfg, self.world_size))
+        optimizer = build_optimizer(model, cfg.optim, self.lrs)
+        self.ds_config = build_deepspeed_config(cfg, self.world_size, precision)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
+        self.scheduler = build_scheduler(optimizer, cfg.optim, self.lrs, max(self.steps_per_epoch, 1))
+        self.scheduler.step_update(self.progress.step)
+        self.dtype = DTYPES[precision]
+        self.progress.precision = precision
+        self.log.monitor = getattr(self.engine, "monitor", None)
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, f"ds_config_{precision}.json"), "w") as fh:
+                json.dump(self.ds_config, fh, indent=2)
+        self.log.header(cfg, self.world_size, precision, self.ds_config)
+
+    # ---- resume ---------------------------------------------------------------------------
+    def _find_resume_tag(self) -> str | None:
+        if not self.cfg.checkpoint.auto_resume:
+            return None
+        root = checkpointing.checkpoint_root(self.run_dir)
+        tag = checkpointing.newest_complete_tag(root)
+        # Every rank must agree (a node with a stale shared-filesystem view would otherwise diverge).
+        if dist.is_initialized():
+            tags = [None] * self.world_size
+            dist.all_gather_object(tags, tag)
+            if len(set(tags)) != 1:
+                raise RuntimeError(f"ranks see different newest checkpoints in {root}: {tags}; "
+                                   "the checkpoint directory must be one shared path")
+        return tag
+
+    def _resume(self, tag: str) -> None:
+        client = checkpointing.load(self.engine, self.run_dir, tag)
+        self.progress = Progress(**client["progress"])
+        if self.ema is not None and client.get("ema") is not None:
+            self.ema.module.load_state_dict(client["ema"])
+        self.scheduler.step_update(self.progress.step)
+        self.log.info("resumed from %s: epoch %d, batch %d, step %d, precision %s", tag,
+                      self.progress.epoch, self.progress.batch_in_epoch, self.progress.step, self.progress.precision)
+
+    # ---- training -------------------------------------------------------------------------
+    def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # In fp32 whatever the engine dtype: bf16 logits lose the small differences CE needs.
+        logits = logits.float()
+        if targets.ndim == 2:
+            return SoftTargetCrossEntropy()(logits, targets)
+        return nn.functional.cross_entropy(logits, targets, label_smoothing=self.cfg.augment.label_smoothing)
+
+    def fit(self) -> dict:
+        if self.train_loader is None:
+            raise ConfigError("data.train_path is empty; set it to the train .beton (or ImageFolder dir)")
+        cfg = self.cfg
+        self.log.info("training %s: %d epochs x %d steps, global batch %d, lr %.3g (warmup %.3g, min %.3g), %s, ZeRO-%d",
+                      cfg.model.name, cfg.optim.epochs, self.steps_per_epoch, global_batch_size(cfg, self.world_size),
+                      self.lrs.base, self.lrs.warmup, self.lrs.min, self.progress.precision, cfg.engine.zero_stage)
+        last_eval: dict = {}
+        while self.progress.epoch < cfg.optim.epochs:
+            epoch_stats = self._train_epoch()
+            if epoch_stats is None:  # rolled back: the epoch loop restarts from the restored position
+                continue
+            last_eval = self._end_of_epoch(epoch_stats)
+        return last_eval
+
+    def _train_epoch(self) -> dict | None:
+        cfg, p = self.cfg, self.progress
+        accum = cfg.optim.accumulation_steps
+        usable_batches = self.steps_per_epoch * accum
+        start = p.batch_in_epoch
+        self.engine.train()
+        bar = tqdm(total=usable_batches, initial=start, desc=f"epoch {p.epoch}", disable=self.rank != 0 or not cfg.log.progress,
+                   dynamic_ncols=True, leave=False)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_count = 0
+        t_epoch = t_log = time.perf_counter()
+        data_time = 0.0
+        images_since_log = 0
+        t_data = time.perf_counter()
+        for batch_idx, (images, targets) in enumerate(self.train_loader.epoch(p.epoch, start), start=start):
+            if batch_idx >= usable_batches:
+                break
+            data_time += time.perf_counter() - t_data
+            logits = self.engine(images.to(self.dtype))
+            loss = self.loss_fn(logits, targets)
+            self.engine.backward(loss)
+            self.engine.step()
+            if torch.isfinite(loss):
+                loss_sum += loss.detach().double()
+                loss_count += 1
+            images_since_log += images.shape[0]
+            bar.update(1)
+            if (batch_idx + 1) % accum:
+                t_data = time.perf_counter()
+                continue
+            # ---- optimizer-step boundary ----
+            p.step += 1
+            p.batch_in_epoch = batch_idx + 1
+            applied = self.engine.was_step_applied()
+            verdict = self.guard.record(p.step, applied)
+            self.scheduler.step_update(p.step)
+            if applied and self.ema is not None:
+                self.ema.update(self.engine.module, step=p.step)
+            if verdict is not Verdict.OK:
+                self.log.warning("step %d skipped: non-finite loss or gradient (loss=%s, %d skipped in the last %d steps)",
+                                 p.step, f"{loss.item():.4g}", len(self.guard.skipped_steps), cfg.engine.nonfinite_window)
+            if verdict is Verdict.ROLLBACK:
+                bar.close()
+                self._recover_from_divergence()
+                return None
+            if p.step % cfg.log.every_steps == 0:
+                elapsed = time.perf_counter() - t_log
+                ips = images_since_log * self.world_size / max(elapsed, 1e-9)
+                lr = self.optimizer.param_groups[0]["lr"]
+                grad_norm = self.engine.get_global_grad_norm()
+                self.log.scalars(p.step, {
+                    "Train/loss": loss.item(), "Train/lr": lr, "Train/skipped_steps": self.guard.total_skipped,
+                    "Train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "Train/images_per_s": ips, "Train/data_time_fraction": data_time / max(elapsed, 1e-9),
+                    **self._memory_scalars()})
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
+                t_log, data_time, images_since_log = time.perf_counter(), 0.0, 0
+            if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0 \
+                    and p.batch_in_epoch < usable_batches:
+                self.save()
+            t_data = time.perf_counter()
+        bar.close()
+        if loss_count == 0 and p.batch_in_epoch < usable_batches:
+            raise RuntimeError(f"epoch {p.epoch}: the train loader yielded no batches")
+        if dist.is_initialized():
+            packed = torch.stack([loss_sum, torch.tensor(float(loss_count), dtype=torch.float64, device=self.device)])
+            dist.all_reduce(packed)
+            loss_sum, loss_count = packed[0], int(packed[1].item())
+        seconds = time.perf_counter() - t_epoch
+        return {"train_loss": loss_sum.item() / max(loss_count, 1), "epoch_seconds": seconds,
+                "images_per_s": (usable_batches - start) * cfg.data.batch_size * self.world_size / max(seconds, 1e-9)}
+
+    def _memory_scalars(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            return {"Memory/allocated_gb": torch.cuda.memory_allocated() / 2**30,
+                    "Memory/max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30}
+        return {}
+
+    def _end_of_epoch(self, stats: dict) -> dict:
+        p = self.progress
+        p.epoch += 1
+        p.batch_in_epoch = 0
+        results = self.evaluate_all()
+        top1 = results.get("val_top1", -1.0)
+        is_best = top1 > p.best_top1
+        if is_best:
+            p.best_top1 = top1
+        row = dict(epoch=p.epoch, step=p.step, precision=p.precision, lr=self.optimizer.param_groups[0]["lr"],
+                   skipped_steps=self.guard.total_skipped, **stats, **results)
+        self.log.epoch_row(row)
+        self.log.scalars(p.step, {f"Epoch/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"})
+        self.log.info("epoch %d/%d: train loss %.4f | val top-1 %.2f top-5 %.2f loss %.4f%s | %.0f img/s",
+                      p.epoch, self.cfg.optim.epochs, stats["train_loss"], results.get("val_top1", float("nan")),
+                      results.get("val_top5", float("nan")), results.get("val_loss", float("nan")),
+                      f" | EMA top-1 {results['ema_top1']:.2f}" if "ema_top1" in results else "", stats["images_per_s"])
+        self.save(is_best=is_best)
+        return row
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def sync_batchnorm_statistics(self) -> None:
+        """Ranks see different batches, so their BN running statistics drift apart; average them."""
+        if self.world_size > 1 and not self.cfg.model.sync_bn:
+            distribute_bn(self.engine.module, self.world_size, reduce=True)
+
+    def evaluate_all(self) -> dict[str, float]:
+        if self.val_loader is None:
+            return {}
+        self.sync_batchnorm_statistics()
+        self.engine.eval()
+        results = {f"val_{k}": v for k, v in evaluate(self.engine, self.val_loader, self.device, self.dtype).items()}
+        if self.ema is not None:
+            self.ema.module.eval()
+            ema = evaluate(self.ema.module, self.val_loader, self.device, torch.float32)
+            results.update({"ema_top1": ema["top1"], "ema_top5": ema["top5"]})
+        self.engine.train()
+        return results
+
+    # ---- checkpoints and recovery ---------------------------------------------------------
+    def save(self, is_best: bool = False, suffix: str = "") -> str:
+        self.sync_batchnorm_statistics()
+        client_state = {"progress": self.progress.__dict__.copy(),
+                        "ema": self.ema.module.state_dict() if self.ema is not None else None}
+        tag = checkpointing.save(self.engine, self.run_dir, self.progress.step, client_state,
+                                 self.cfg.checkpoint.keep_last, is_best=is_best, suffix=suffix,
+                                 meta={"step": self.progress.step, "epoch": self.progress.epoch,
+                                       "precision": self.progress.precision})
+        self.log.info("saved checkpoint %s", tag)
+        return tag
+
+    def _recover_from_divergence(self) -> None:
+        p = self.progress
+        root = checkpointing.checkpoint_root(self.run_dir)
+        tag = checkpointing.newest_complete_tag(root)
+        if p.fallbacks >= 1 or tag is None:
+            raise TrainingDiverged(
+                f"{self.guard.max_skips} non-finite steps within {self.guard.window} steps at step {p.step}"
+                + (" again after the fallback" if p.fallbacks else " and no checkpoint to roll back to")
+                + f"; lower optim.base_lr or raise optim.warmup_epochs, then resume from {root}")
+        new_precision = "fp32" if p.precision == "bf16" else p.precision
+        self.log.warning("too many non-finite steps: rolling back to %s and continuing in %s", tag, new_precision)
+        if new_precision != p.precision:
+            # The fp32 master weights of the bf16 run seed a fresh fp32 engine; Adam moments restart.
+            saved = read_client_state(root, tag)
+            self._build_engine(new_precision, state_dict=consolidated_state_dict(root, tag))
+            self.progress = Progress(**saved["progress"])
+            self.progress.precision = new_precision
+            if self.ema is not None and saved.get("ema") is not None:
+                self.ema.module.load_state_dict(saved["ema"])
+        else:
+            client = checkpointing.load(self.engine, self.run_dir, tag)
+            self.progress = Progress(**client["progress"])
+        self.progress.fallbacks += 1
+        self.progress.history.append({"step": self.progress.step, "from": p.precision, "to": new_precision})
+        self.scheduler.step_update(self.progress.step)
+        # Record the switch (under a new tag: the good checkpoint is never overwritten) so that a
+        # crash from here on resumes in the new precision.
+        self.save(suffix=f"fallback{self.progress.fallbacks}")
