@@ -9,6 +9,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import deepspeed
 import timm
@@ -77,8 +78,14 @@ def build_model(cfg: RunConfig) -> nn.Module:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, rank: int, world_size: int, device: torch.device):
+    """Trains `cfg` on this rank. Loaders and the model factory can be passed in (tests, notebooks);
+    by default they come from `dwnet.data` and `build_model`."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, device: torch.device,
+                 train_loader=None, val_loader=None,
+                 model_factory: Callable[[RunConfig], nn.Module] = build_model):
         self.cfg = cfg
+        self.model_factory = model_factory
         self.rank = rank
         self.world_size = world_size
         self.device = device
@@ -92,29 +99,30 @@ class Trainer:
         if self.resume_tag:
             meta = checkpointing.read_meta(checkpointing.checkpoint_root(self.run_dir), self.resume_tag)
             self.progress.precision = meta.get("precision", self.progress.precision)
-        self._build_data()
+        self._build_data(train_loader, val_loader)
         self.guard = NonFiniteGuard(cfg.engine.nonfinite_max_skips, cfg.engine.nonfinite_window)
         self._build_engine(self.progress.precision)
         if self.resume_tag:
             self._resume(self.resume_tag)
 
     # ---- construction ---------------------------------------------------------------------
-    def _build_data(self) -> None:
-        from dwnet.data import build_train_loader, build_val_loader
-
+    def _build_data(self, train_loader, val_loader) -> None:
         cfg = self.cfg
-        self.train_loader = None
-        if cfg.data.train_path:
+        self.train_loader, self.val_loader = train_loader, val_loader
+        if train_loader is None and cfg.data.train_path:
+            from dwnet.data import build_train_loader
+
             self.train_loader = build_train_loader(
                 cfg.data, cfg.augment, num_classes=cfg.model.num_classes, rank=self.rank,
                 world_size=self.world_size, seed=cfg.engine.seed, device=self.device,
                 channels_last=cfg.model.channels_last)
-            if len(self.train_loader) < cfg.optim.accumulation_steps:
-                raise ConfigError(
-                    f"data.train_path={cfg.data.train_path}: {len(self.train_loader)} batches per rank per epoch, "
-                    f"fewer than optim.accumulation_steps={cfg.optim.accumulation_steps}; lower data.batch_size")
-        self.val_loader = None
-        if cfg.data.val_path:
+        if self.train_loader is not None and len(self.train_loader) < cfg.optim.accumulation_steps:
+            raise ConfigError(
+                f"data.train_path={cfg.data.train_path}: {len(self.train_loader)} batches per rank per epoch, "
+                f"fewer than optim.accumulation_steps={cfg.optim.accumulation_steps}; lower data.batch_size")
+        if val_loader is None and cfg.data.val_path:
+            from dwnet.data import build_val_loader
+
             self.val_loader = build_val_loader(cfg.data, rank=self.rank, world_size=self.world_size,
                                                device=self.device, channels_last=cfg.model.channels_last)
 
@@ -125,7 +133,7 @@ class Trainer:
     def _build_engine(self, precision: str, state_dict: dict | None = None) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.engine.seed)  # identical initial weights on every rank
-        model = build_model(cfg)
+        model = self.model_factory(cfg)
         if state_dict is not None:
             model.load_state_dict(state_dict)
         self.ema = ModelEmaV3(model, decay=cfg.engine.ema_decay, device=self.device) if cfg.engine.ema else None
@@ -330,9 +338,10 @@ class Trainer:
                 f"{self.guard.max_skips} non-finite steps within {self.guard.window} steps at step {p.step}"
                 + (" again after the fallback" if p.fallbacks else " and no checkpoint to roll back to")
                 + f"; lower optim.base_lr or raise optim.warmup_epochs, then resume from {root}")
-        new_precision = "fp32" if p.precision == "bf16" else p.precision
+        old_precision = p.precision
+        new_precision = "fp32" if old_precision == "bf16" else old_precision
         self.log.warning("too many non-finite steps: rolling back to %s and continuing in %s", tag, new_precision)
-        if new_precision != p.precision:
+        if new_precision != old_precision:
             # The fp32 master weights of the bf16 run seed a fresh fp32 engine; Adam moments restart.
             saved = read_client_state(root, tag)
             self._build_engine(new_precision, state_dict=consolidated_state_dict(root, tag))
@@ -344,7 +353,7 @@ class Trainer:
             client = checkpointing.load(self.engine, self.run_dir, tag)
             self.progress = Progress(**client["progress"])
         self.progress.fallbacks += 1
-        self.progress.history.append({"step": self.progress.step, "from": p.precision, "to": new_precision})
+        self.progress.history.append({"step": self.progress.step, "from": old_precision, "to": new_precision})
         self.scheduler.step_update(self.progress.step)
         # Record the switch (under a new tag: the good checkpoint is never overwritten) so that a
         # crash from here on resumes in the new precision.

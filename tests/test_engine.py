@@ -1,0 +1,270 @@
+"""The DeepSpeed engine: stages and precisions, accumulation, schedule, decay groups, non-finite
+guard and fallback, checkpoint/resume, export, evaluation arithmetic."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+
+import pytest
+import timm
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+import engine_worker  # noqa: E402
+from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
+
+from dwnet.config import RunConfig  # noqa: E402
+from dwnet.engine import Trainer, TrainingDiverged  # noqa: E402
+from dwnet.engine import checkpointing  # noqa: E402
+from dwnet.engine.export import export_official  # noqa: E402
+from dwnet.engine.metrics import evaluate  # noqa: E402
+from dwnet.engine.optim import build_scheduler, param_groups, scaled_lrs  # noqa: E402
+from dwnet.models import DWNet  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_trainer(run_dir, *overrides, batch_size=16, poison=None, model_factory=None, n=256) -> Trainer:
+    cfg = engine_worker.tiny_run_config(str(run_dir), f"data.batch_size={batch_size}", *overrides)
+    images, labels = synthetic_dataset(n)
+    train = TensorTrainLoader(images, labels, batch_size, seed=cfg.engine.seed, poison=poison)
+    val = TensorValLoader(images[:64], labels[:64], 32)
+    kwargs = {"model_factory": model_factory} if model_factory else {}
+    return Trainer(cfg, 0, 1, torch.device("cpu"), train_loader=train, val_loader=val, **kwargs)
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Whole fp32 copies of every parameter and buffer (ZeRO-3 partitions are gathered first)."""
+    import deepspeed
+
+    module = trainer.engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()),
+                                           enabled=trainer.engine.zero_optimization_stage() == 3):
+        return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+
+# ---- multi-rank: every ZeRO stage in fp32 and bf16 ------------------------------------------
+@pytest.mark.slow
+def test_zero_stages_and_precisions_train_and_agree(tmp_path):
+    settings = [[f"engine.zero_stage={z}", f"engine.precision={p}"] for p in ("fp32", "bf16") for z in range(4)]
+    mp.spawn(engine_worker.main, args=(2, free_port(), str(tmp_path), settings), nprocs=2, join=True)
+    results = json.loads((tmp_path / "results.json").read_text())
+    curves = {key: torch.tensor(r["losses"]) for key, r in results.items()}
+    for key, curve in curves.items():
+        assert len(curve) == 2 * 8, key  # 2 epochs x (256 / 2 ranks / 16 per batch) steps
+        assert torch.isfinite(curve).all(), key
+        assert curve[-4:].mean() < curve[:4].mean() - 0.1, f"{key}: loss did not decrease: {curve.tolist()}"
+        assert results[key]["skipped"] == 0
+    reference = curves["engine.zero_stage=0 engine.precision=fp32"]
+    for z in range(1, 4):
+        torch.testing.assert_close(curves[f"engine.zero_stage={z} engine.precision=fp32"], reference,
+                                   atol=2e-3, rtol=2e-3)
+    for z in range(4):
+        torch.testing.assert_close(curves[f"engine.zero_stage={z} engine.precision=bf16"], reference,
+                                   atol=0.1, rtol=0.05)
+
+
+# ---- single rank, in process ------------------------------------------------------------------
+def per_sample_norm_model(cfg: RunConfig) -> nn.Module:
+    """BatchNorm makes 2xB differ from B+B by design; GroupNorm isolates the engine's arithmetic."""
+    return DWNet(embed_dim=16, depths=(1, 1, 1, 1), num_classes=10, drop_path_rate=0.0,
+                 norm_layer=lambda c: nn.GroupNorm(1, c))
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path, process_group):
+    """B with 2 accumulation steps gives the gradient of one 2B batch (Adam would hide a scale
+    error in the weights, so the gradients themselves are compared), and training stays equal."""
+    big = make_trainer(tmp_path / "big", "optim.epochs=1", batch_size=32, model_factory=per_sample_norm_model)
+    acc = make_trainer(tmp_path / "acc", "optim.epochs=1", "optim.accumulation_steps=2", batch_size=16,
+                       model_factory=per_sample_norm_model)
+    images, labels = next(big.train_loader.epoch(0))
+    big.engine.backward(big.loss_fn(big.engine(images), labels))
+    for half in (slice(0, 16), slice(16, 32)):
+        assert not acc.engine.is_gradient_accumulation_boundary() or half.start == 16
+        acc.engine.backward(acc.loss_fn(acc.engine(images[half]), labels[half]))
+        if half.start == 0:
+            acc.engine.step()  # a micro-step: no update, only the accumulation counter moves
+    for (name, a), b in zip(big.engine.module.named_parameters(), acc.engine.module.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-7, rtol=1e-4, msg=name)
+
+    big = make_trainer(tmp_path / "big2", "optim.epochs=1", batch_size=32, model_factory=per_sample_norm_model)
+    acc = make_trainer(tmp_path / "acc2", "optim.epochs=1", "optim.accumulation_steps=2", batch_size=16,
+                       model_factory=per_sample_norm_model)
+    big.fit()
+    acc.fit()
+    assert big.progress.step == acc.progress.step == 8  # 256 / 32
+    for (name, a), b in zip(weights(big).items(), weights(acc).values()):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=name)
+
+
+def test_lr_scales_with_global_batch_and_follows_warmup_cosine():
+    cfg = RunConfig()
+    lrs = scaled_lrs(cfg.optim, global_batch=1024)
+    assert (lrs.base, lrs.warmup, lrs.min) == pytest.approx((1e-3, 1e-6, 1e-5))
+    cfg.optim.epochs, cfg.optim.warmup_epochs = 10, 2
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=lrs.base)
+    sched = build_scheduler(opt, cfg.optim, lrs, steps_per_epoch=100)
+
+    def lr_at(step):
+        sched.step_update(step)
+        return opt.param_groups[0]["lr"]
+
+    assert lr_at(0) == pytest.approx(1e-6)
+    assert lr_at(100) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)  # linear warmup, half way
+    assert lr_at(200) == pytest.approx(1e-3)  # peak when warmup ends
+    assert lr_at(600) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # cosine midpoint
+    assert lr_at(1000) == pytest.approx(1e-5, rel=1e-3)
+
+
+def test_no_weight_decay_on_norms_biases_and_1d_params():
+    model = timm.create_model("dwnet_femto")
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert all(model.get_parameter(n).ndim > 1 for n in decayed)
+    assert all(n.endswith(".bias") or model.get_parameter(n).ndim == 1 for n in undecayed)
+    assert "layers.0.blocks.0.attn2conv.bn0.weight" in undecayed and "norm.weight" in undecayed
+    assert "head.weight" in decayed and "layers.0.downsample.reduction.weight" in decayed
+    assert len(decayed) + len(undecayed) == len(list(model.parameters()))
+
+
+def nan_batch(images: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(images, float("nan"))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_non_finite_step_is_skipped_without_changing_anything(tmp_path, process_group, zero_stage, precision):
+    trainer = make_trainer(tmp_path, f"engine.zero_stage={zero_stage}", f"engine.precision={precision}")
+    engine = trainer.engine
+    images, labels = next(trainer.train_loader.epoch(0))
+
+    def step(x):
+        loss = trainer.loss_fn(engine(x.to(trainer.dtype)), labels)
+        engine.backward(loss)
+        engine.step()
+        return engine.was_step_applied()
+
+    assert step(images)  # a good step first, so the optimizer has state to protect
+    before = weights(trainer)
+    adam_state = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()] if zero_stage == 0 and precision == "fp32" else []
+    assert not step(nan_batch(images))
+    after = weights(trainer)
+    for name in before:
+        assert torch.equal(before[name], after[name]) or "running" in name or "num_batches" in name, name
+    for old, new in zip(adam_state, [s["exp_avg"] for s in trainer.optimizer.state.values()]):
+        assert torch.equal(old, new)
+    assert step(images)  # and training goes on
+    assert any(not torch.equal(before[n], v) for n, v in weights(trainer).items() if n.endswith("weight"))
+
+
+class TransientNaN:
+    """Poisons batches [start, stop) of epoch 0 the first time they are seen (an unstable patch)."""
+
+    def __init__(self, start: int, stop: int | None = None, persistent: bool = False):
+        self.start, self.stop, self.persistent, self.seen = start, stop, persistent, set()
+
+    def __call__(self, epoch, batch, images):
+        key = (epoch, batch)
+        in_range = epoch == 0 and batch >= self.start and (self.stop is None or batch < self.stop)
+        if in_range and (self.persistent or key not in self.seen):
+            self.seen.add(key)
+            return nan_batch(images)
+        return images
+
+
+def test_bf16_instability_rolls_back_and_continues_in_fp32(tmp_path, process_group):
+    trainer = make_trainer(tmp_path, "engine.precision=bf16", "checkpoint.every_steps=2",
+                           "engine.nonfinite_max_skips=3", "engine.nonfinite_window=10",
+                           poison=TransientNaN(start=5, stop=8))
+    final = trainer.fit()
+    p = trainer.progress
+    assert p.precision == "fp32" and p.fallbacks == 1
+    assert p.history[0]["from"] == "bf16" and p.history[0]["to"] == "fp32"
+    assert trainer.engine.bfloat16_enabled() is False
+    assert math.isfinite(final["train_loss"]) and p.epoch == 2
+    root = checkpointing.checkpoint_root(str(tmp_path))
+    assert checkpointing.read_meta(root, checkpointing.newest_complete_tag(root))["precision"] == "fp32"
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[-1].split(",")[2] == "fp32"
+
+
+def test_persistent_non_finite_steps_stop_the_run_with_a_clear_message(tmp_path, process_group):
+    trainer = make_trainer(tmp_path, "checkpoint.every_steps=2", "engine.nonfinite_max_skips=2",
+                           "engine.nonfinite_window=10", poison=TransientNaN(start=3, persistent=True))
+    with pytest.raises(TrainingDiverged, match="again after the fallback; lower optim.base_lr"):
+        trainer.fit()
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, process_group):
+    reference = make_trainer(tmp_path / "ref", "checkpoint.every_steps=3")
+    reference.fit()
+
+    class Crash(Exception):
+        pass
+
+    def crash_mid_epoch(epoch, batch, images):
+        if (epoch, batch) == (1, 4):  # 16 + 4 steps done; the last checkpoint is step 18 (epoch 1, batch 2)
+            raise Crash()
+        return images
+
+    crashed = make_trainer(tmp_path / "run", "checkpoint.every_steps=3", poison=crash_mid_epoch)
+    with pytest.raises(Crash):
+        crashed.fit()
+    resumed = make_trainer(tmp_path / "run", "checkpoint.every_steps=3")
+    assert resumed.resume_tag == "step_00000018"
+    assert (resumed.progress.epoch, resumed.progress.batch_in_epoch) == (1, 2)
+    resumed.fit()
+    for (name, a), b in zip(weights(reference).items(), weights(resumed).values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_export_loads_in_timm_with_same_outputs(tmp_path, process_group):
+    trainer = make_trainer(tmp_path, "optim.epochs=1")
+    trainer.fit()
+    root = checkpointing.checkpoint_root(str(tmp_path))
+    out = export_official(root, checkpointing.newest_complete_tag(root), str(tmp_path / "dwnet_femto_fp32.pth"))
+    payload = torch.load(out, weights_only=True)
+    assert set(payload) >= {"model", "epoch", "max_accuracy"} and payload["epoch"] == 1
+    model = timm.create_model("dwnet_femto", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=out, num_classes=10)).eval()
+    trainer.engine.module.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trainer.engine.module(x))
+
+
+def test_checkpoint_without_complete_marker_is_never_resumed(tmp_path, process_group):
+    trainer = make_trainer(tmp_path, "optim.epochs=1", "checkpoint.every_steps=4")
+    trainer.fit()
+    root = checkpointing.checkpoint_root(str(tmp_path))
+    newest = checkpointing.newest_complete_tag(root)
+    os.remove(os.path.join(root, newest, checkpointing.COMPLETE))  # as if killed mid-save
+    resumed = make_trainer(tmp_path, "optim.epochs=1", "checkpoint.every_steps=4")
+    assert resumed.resume_tag is not None and resumed.resume_tag < newest
+
+
+def test_evaluate_matches_a_hand_count():
+    logits = torch.tensor([[9., 1, 2, 3, 4, 5, 0],    # label 0: top-1 hit
+                           [1., 9, 8, 7, 6, 5, 0],    # label 4: in top-5, not top-1
+                           [0., 1, 2, 3, 4, 5, 9],    # label 0: miss (rank 7)
+                           [5., 5, 5, 5, 5, 5, 5]])   # padding, label -1: ignored
+    labels = torch.tensor([0, 4, 0, -1])
+    batches = [(torch.arange(2), labels[:2]), (torch.arange(2, 4), labels[2:])]
+    results = evaluate(lambda idx: logits[idx.long()], batches, torch.device("cpu"))
+    assert results["samples"] == 3
+    assert results["top1"] == pytest.approx(100 / 3)
+    assert results["top5"] == pytest.approx(200 / 3)
+    expected = nn.functional.cross_entropy(logits[:3], labels[:3]).item()
+    assert results["loss"] == pytest.approx(expected, rel=1e-6)

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""dwnet-ds: the one entry point. Train (auto-resuming), evaluate, measure throughput, export.
+
+    deepspeed --num_gpus 8 train.py --config ds_configs/dwnet_tiny.yaml      # train / resume
+    python train.py --config ds_configs/dwnet_tiny.yaml --eval --resume dwnet_tiny_224.pth
+    python train.py --config ds_configs/dwnet_tiny.yaml --throughput
+    python train.py --config ds_configs/dwnet_tiny.yaml --export runs/dwnet_tiny/dwnet_tiny_fp32.pth
+
+Any launcher works (deepspeed/pdsh, deepspeed --launcher openmpi, mpirun, torchrun, srun):
+rank, world size and local rank are read from its environment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="run config YAML (ds_configs/*.yaml); defaults are the published recipe")
+    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides, e.g. --opts optim.epochs=10 data.batch_size=64")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                        help="extra DeepSpeed JSON/YAML merged over the generated config")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--eval", action="store_true", help="top-1/top-5/loss on data.val_path, then exit")
+    mode.add_argument("--throughput", action="store_true", help="images/s of forward and forward+backward")
+    mode.add_argument("--export", metavar="OUT.pth", help="write consolidated fp32 weights in the official format")
+    parser.add_argument("--resume", metavar="PATH",
+                        help="--eval: official/exported .pth or a run directory (default: checkpoint.dir)")
+    parser.add_argument("--checkpoint-tag", default="best", help="--eval/--export from a run: best, latest or a tag")
+    parser.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=True,
+                        help="check files, writability and versions on every rank before training")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from dwnet.config import load_config
+
+    overrides = list(args.opts)
+    if args.deepspeed_config:
+        overrides.append(f"engine.deepspeed_config={args.deepspeed_config}")
+    cfg = load_config(args.config, overrides)  # fails before any process group exists
+    if args.export:
+        return export(cfg, args)
+
+    from dwnet.distributed import init_distributed
+
+    env = init_distributed()
+    import torch
+
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if args.throughput:
+        return throughput(cfg, device, env.rank)
+    if args.eval:
+        return evaluate(cfg, args, env, device)
+    if args.preflight:
+        from dwnet.preflight import run_preflight
+
+        required = [p for p in (cfg.data.train_path, cfg.data.val_path) if p]
+        run_preflight(required_files=required, writable_dirs=[cfg.checkpoint.dir])
+    from dwnet.engine import Trainer
+
+    trainer = Trainer(cfg, env.rank, env.world_size, device)
+    final = trainer.fit()
+    if env.rank == 0 and final:
+        print(json.dumps({"final": final}))
+    return 0
+
+
+def export(cfg, args: argparse.Namespace) -> int:
+    from dwnet.engine.checkpointing import checkpoint_root
+    from dwnet.engine.export import export_official, resolve_tag
+
+    tag = resolve_tag(cfg.checkpoint.dir, args.checkpoint_tag)
+    out = export_official(checkpoint_root(cfg.checkpoint.dir), tag, args.export, extra={"arch": cfg.model.name})
+    print(f"exported {cfg.checkpoint.dir} [{tag}] -> {out}")
+    return 0
+
+
+def evaluate(cfg, args: argparse.Namespace, env, device) -> int:
+    """Plain model (no optimizer, no ZeRO), each rank on its val shard, sums all-reduced."""
+    import torch
+
+    from dwnet.data import build_val_loader
+    from dwnet.engine import build_model
+    from dwnet.engine.checkpointing import checkpoint_root
+    from dwnet.engine.export import export_official, resolve_tag
+    from dwnet.engine.metrics import evaluate as run_eval
+    from dwnet.models import load_checkpoint
+
+    if not cfg.data.val_path:
+        raise SystemExit("data.val_path is empty; set it to the val .beton (--opts data.val_path=...)")
+    source = args.resume or cfg.checkpoint.dir
+    cfg.model.pretrained = None
+    model = build_model(cfg)
+    if os.path.isdir(source):  # a run directory: consolidate its checkpoint first
+        tag = resolve_tag(source, args.checkpoint_tag)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_official(checkpoint_root(source), tag, os.path.join(tmp, "weights.pth"))
+            load_checkpoint(model, path, strict=True)
+        source = f"{source} [{tag}]"
+    else:
+        load_checkpoint(model, source, strict=True)
+    model = model.to(device).eval()
+    loader = build_val_loader(cfg.data, rank=env.rank, world_size=env.world_size, device=device,
+                              channels_last=cfg.model.channels_last)
+    results = run_eval(model, loader, device, torch.float32)
+    if env.rank == 0:
+        print(f"eval {source} on {cfg.data.val_path}: top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  "
+              f"loss {results['loss']:.4f}  ({results['samples']} images)")
+        print(json.dumps({"eval": results}))
+    return 0
+
+
+def throughput(cfg, device, rank: int) -> int:
+    import torch
+
+    from dwnet.engine import build_model
+    from dwnet.engine.throughput import measure_throughput
+    from dwnet.engine.trainer import DTYPES
+
+    cfg.model.pretrained = None
+    model = build_model(cfg)
+    results = measure_throughput(model, cfg.data.batch_size, cfg.data.image_size, device,
+                                 dtype=DTYPES[cfg.engine.precision], channels_last=cfg.model.channels_last)
+    if rank == 0:
+        print(f"{cfg.model.name} @ {cfg.data.image_size}px, batch {cfg.data.batch_size}, {cfg.engine.precision}, "
+              f"{device}, {torch.get_num_threads()} threads: " +
+              ", ".join(f"{k} {v:.1f} img/s" for k, v in results.items()))
+        print(json.dumps({"throughput": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    from dwnet.distributed import run_and_exit_on_failure
+
+    sys.exit(run_and_exit_on_failure(main))
