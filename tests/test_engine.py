@@ -268,3 +268,18 @@ def test_evaluate_matches_a_hand_count():
     assert results["top5"] == pytest.approx(200 / 3)
     expected = nn.functional.cross_entropy(logits[:3], labels[:3]).item()
     assert results["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_ema_is_evaluated_saved_and_restored(tmp_path, process_group):
+    trainer = make_trainer(tmp_path, "engine.ema=true", "engine.ema_decay=0.9", "engine.precision=bf16",
+                           "engine.zero_stage=2", "optim.epochs=1")
+    results = trainer.fit()
+    assert {"ema_top1", "ema_top5"} <= set(results)
+    ema_params = list(trainer.ema.module.parameters())
+    assert all(p.dtype == torch.float32 for p in ema_params)  # an fp32 average of the bf16 weights
+    live = dict(trainer.engine.module.named_parameters())
+    assert any(not torch.equal(p.float(), live[n].float()) for n, p in trainer.ema.module.named_parameters())
+    resumed = make_trainer(tmp_path, "engine.ema=true", "engine.ema_decay=0.9", "engine.precision=bf16",
+                           "engine.zero_stage=2", "optim.epochs=2")
+    for a, b in zip(trainer.ema.module.state_dict().values(), resumed.ema.module.state_dict().values()):
+        assert torch.equal(a, b)

@@ -142,6 +142,8 @@ class Trainer:
         self.ds_config = build_deepspeed_config(cfg, self.world_size, precision)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
+        if cfg.model.compile:
+            self.engine.compile()  # DeepSpeed's wrapper around torch.compile, aware of ZeRO hooks
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.lrs, max(self.steps_per_epoch, 1))
         self.scheduler.step_update(self.progress.step)
         self.dtype = DTYPES[precision]

@@ -1,0 +1,108 @@
+"""Configuration: published defaults, YAML + overrides, and one-line errors naming key and fix."""
+import json
+
+import pytest
+
+from dwnet.config import ConfigError, RunConfig, describe_schema, load_config
+from dwnet.engine.ds_config import build_deepspeed_config
+
+
+def test_defaults_are_the_published_recipe():
+    cfg = RunConfig()
+    assert (cfg.optim.base_lr, cfg.optim.warmup_lr, cfg.optim.min_lr) == (5e-4, 5e-7, 5e-6)
+    assert (cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.weight_decay) == (300, 20, 0.05)
+    assert cfg.optim.grad_clip == 5.0 and cfg.optim.betas == (0.9, 0.999) and cfg.optim.eps == 1e-8
+    assert (cfg.augment.mixup, cfg.augment.cutmix, cfg.augment.mixup_switch_prob) == (0.8, 1.0, 0.5)
+    assert cfg.augment.label_smoothing == 0.1 and cfg.augment.random_erasing == 0.25
+    assert cfg.augment.rand_augment == "rand-m9-mstd0.5-inc1" and cfg.data.crop_pct == 0.875
+    assert cfg.engine.precision in ("fp32", "bf16")
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  name: dwnet_nano\noptim:\n  base_lr: 1e-3\n  epochs: 30\n")
+    cfg = load_config(path, ["optim.epochs=10", "optim.warmup_epochs=1", "augment.scale=[0.2, 1]", "model.drop_path_rate=null"])
+    assert cfg.model.name == "dwnet_nano" and cfg.optim.base_lr == 1e-3 and cfg.optim.epochs == 10
+    assert cfg.augment.scale == (0.2, 1.0) and cfg.model.drop_path_rate is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.epochz=3"], "--opts: unknown key 'optim.epochz'; did you mean 'optim.epochs'?"),
+    (["optim.epochs=ten"], "--opts: optim.epochs must be int, got 'ten' (str); write e.g. optim.epochs=8"),
+    (["engine.precision=fp8"], "engine.precision='fp8' is not one of fp32, bf16, fp16"),
+    (["engine.zero_stage=4"], "engine.zero_stage=4 is not one of 0, 1, 2, 3"),
+    (["engine.zero_stage=3", "engine.ema=true"], "engine.ema=true needs whole parameters"),
+    (["engine.zero_stage=3", "model.sync_bn=true"], "model.sync_bn=true is not supported with ZeRO-3"),
+    (["augment.scale=0.3"], "--opts: augment.scale must be a list of 2 numbers, got 0.3"),
+    (["data.batch_size=0"], "data.batch_size=0 must be > 0"),
+    (["optim.warmup_epochs=400"], "optim.warmup_epochs=400.0 must be < optim.epochs=300; lower optim.warmup_epochs"),
+    (["augment.hflip=1.5"], "augment.hflip=1.5 must be a probability in [0, 1]"),
+    (["optim"], "--opts 'optim': write overrides as section.key=value"),
+    (["model=3"], "--opts: 'model' is a section; give it a mapping of keys, not 3"),
+])
+def test_bad_configs_fail_with_one_line_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    text = str(err.value)
+    assert message in text and "\n" not in text
+
+
+def test_bad_yaml_file_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: line \d+ invalid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_deepspeed_config_is_derived_and_clipping_always_explicit():
+    cfg = load_config(None, ["data.batch_size=64", "optim.accumulation_steps=2", "engine.zero_stage=2",
+                             "engine.precision=bf16", "optim.grad_clip=5.0"])
+    ds = build_deepspeed_config(cfg, world_size=16)
+    assert ds["train_batch_size"] == 64 * 2 * 16 and ds["train_micro_batch_size_per_gpu"] == 64
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 5.0
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert build_deepspeed_config(cfg, 16, precision="fp32")["bf16"]["enabled"] is False
+
+
+def test_fp16_only_on_request_and_with_a_warning():
+    assert not build_deepspeed_config(RunConfig(), 1)["fp16"]["enabled"]
+    cfg = load_config(None, ["engine.precision=fp16"])
+    with pytest.warns(UserWarning, match="diverge under fp16"):
+        assert build_deepspeed_config(cfg, 1)["fp16"]["enabled"]
+
+
+def test_user_deepspeed_file_merges_but_cannot_contradict(tmp_path):
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}}))
+    cfg = load_config(None, [f"engine.deepspeed_config={extra}", "engine.zero_stage=2"])
+    ds = build_deepspeed_config(cfg, 1)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["gradient_clipping"] == 5.0
+
+    extra.write_text(json.dumps({"gradient_clipping": 1.0}))
+    with pytest.raises(ConfigError, match="'gradient_clipping'=1.0 contradicts the run config"):
+        build_deepspeed_config(cfg, 1)
+    extra.write_text(json.dumps({"bf16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="'bf16.enabled'=True contradicts engine.precision"):
+        build_deepspeed_config(cfg, 1)
+    extra.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="'optimizer' is built by dwnet-ds"):
+        build_deepspeed_config(cfg, 1)
+
+
+def test_schema_reference_lists_every_key():
+    table = describe_schema()
+    for section, values in RunConfig().to_dict().items():
+        for key in values:
+            assert f"`{section}.{key}`" in table
+
+
+@pytest.mark.parametrize("path", ["ds_configs/dwnet_tiny.yaml", "ds_configs/dynamic_dwnet_tiny.yaml",
+                                  "ds_configs/dwnet_base.yaml", "ds_configs/dynamic_dwnet_base.yaml"])
+def test_shipped_recipes_load(path):
+    cfg = load_config(path)
+    base = "base" in path
+    assert cfg.data.batch_size == (64 if base else 128)
+    assert cfg.engine.precision == ("fp32" if base else "bf16")
