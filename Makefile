@@ -43,6 +43,7 @@ test-fast: setup
 demo: setup
 	$(PY) -m dwnet.model_report --reference tests/data/dwnet_e24_d1121_c10.pth \
 	    --reference-io tests/data/dwnet_e24_d1121_c10_io.pt
+	$(PY) -m dwnet.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,118 @@
+"""The real job on real images: data_prep -> .beton -> train.py on 2 ranks -> SIGKILL -> resume
+-> the same weights as an uninterrupted run; eval and export through train.py."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TORCHRUN = str(Path(PY).parent / "torchrun")
+CONFIG = "ds_configs/demo_cpu.yaml"
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def digits_betons(tmp_path_factory) -> Path:
+    from dwnet.demo import write_digits_tree
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_tree(str(root / "tree"))
+    subprocess.run([PY, "-m", "data_prep", "convert", "--train-root", str(root / "tree/train"),
+                    "--val-root", str(root / "tree/val"), "--out", str(root / "beton"), "--max-resolution", "32",
+                    "--num-workers", "2"], check=True, cwd=REPO, capture_output=True)
+    return root / "beton"
+
+
+def opts(betons: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--opts", f"data.train_path={betons}/train.beton", f"data.val_path={betons}/val.beton",
+            f"checkpoint.dir={run_dir}", "optim.epochs=2", "optim.warmup_epochs=1", "checkpoint.every_steps=5",
+            "log.progress=false", "data.num_workers=1", *extra]
+
+
+def launch(betons: Path, run_dir: Path, log: Path) -> subprocess.Popen:
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "train.py", "--config", CONFIG, *opts(betons, run_dir)]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait(proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    try:
+        assert proc.wait(timeout=timeout) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def export(run_dir: Path, out: Path, betons: Path) -> dict:
+    subprocess.run([PY, "train.py", "--config", CONFIG, "--export", str(out), "--checkpoint-tag", "latest",
+                    *opts(betons, run_dir)], check=True, cwd=REPO, capture_output=True)
+    return torch.load(out, weights_only=True)["model"]
+
+
+def test_sigkill_and_relaunch_ends_with_the_same_weights(digits_betons, tmp_path):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    wait(launch(digits_betons, reference_dir, tmp_path / "reference.log"), 600, tmp_path / "reference.log")
+
+    proc = launch(digits_betons, killed_dir, tmp_path / "killed.log")
+    marker = killed_dir / "checkpoints" / "step_00000030" / "COMPLETE"  # mid epoch 1 (22 steps per epoch)
+    deadline = time.time() + 600
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint at step 30 in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, no goodbye
+        proc.wait()
+    assert not (killed_dir / "checkpoints" / "step_00000044").exists()
+
+    wait(launch(digits_betons, killed_dir, tmp_path / "resumed.log"), 600, tmp_path / "resumed.log")
+    assert "resumed from step_000000" in (tmp_path / "resumed.log").read_text()
+
+    expected = export(reference_dir, tmp_path / "reference.pth", digits_betons)
+    got = export(killed_dir, tmp_path / "resumed.pth", digits_betons)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=0, rtol=0, msg=name)
+
+    rows = (killed_dir / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]  # each epoch recorded once
+
+
+def test_eval_of_exported_checkpoint_counts_every_image_once(digits_betons, tmp_path):
+    run_dir = tmp_path / "run"
+    log = tmp_path / "run.log"
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "train.py", "--config", CONFIG, *opts(digits_betons, run_dir, "optim.epochs=1", "optim.warmup_epochs=0")]
+    wait(subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), stdout=open(log, "w"),
+                          stderr=subprocess.STDOUT, start_new_session=True), 600, log)
+    exported = export(run_dir, tmp_path / "model.pth", digits_betons)
+    assert exported["head.weight"].shape == (10, 256)
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "train.py", "--config", CONFIG, "--eval", "--resume", str(tmp_path / "model.pth"),
+           *opts(digits_betons, run_dir)]
+    out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
+                         timeout=600, start_new_session=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads([line for line in out.stdout.splitlines() if line.startswith('{"eval"')][-1])["eval"]
+    assert result["samples"] == 360  # the whole val split, no padding counted, nothing twice
+    assert 0 <= result["top1"] <= result["top5"] <= 100
