@@ -262,3 +262,7 @@ def describe_schema() -> str:
                 shown = "[" + ", ".join(f"{x:g}" for x in default) + "]"
             rows.append(f"| `{section.name}.{f.name}` | `{shown}` | {f.metadata.get('help', '')} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m dwnet.config: the configuration reference (README section)
+    print(describe_schema())

@@ -106,3 +106,10 @@ def test_shipped_recipes_load(path):
     base = "base" in path
     assert cfg.data.batch_size == (64 if base else 128)
     assert cfg.engine.precision == ("fp32" if base else "bf16")
+
+
+def test_readme_configuration_reference_matches_the_schema():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert describe_schema() in readme, "README is stale: paste the output of `python -m dwnet.config`"
