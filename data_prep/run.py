@@ -1,0 +1,165 @@
+"""The `convert` command: which splits to write, their labels, and per split scan -> check ->
+report -> write, ending with a summary. Errors that stop a conversion are raised as one-line
+exceptions (ScanError, ConvertError) and printed by the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .convert import ConvertError, WriteOptions, write_beton
+from .report import SplitSummary, summary_lines, write_report
+from .scan import Problem, ScanError, SplitTree, check_files, round_robin, scan_tree
+
+SPLITS = ("train", "val")
+
+
+@dataclass
+class ConvertRequest:
+    splits: dict[str, str]               # split name -> ImageFolder root, train first
+    out: str
+    options: WriteOptions = field(default_factory=WriteOptions)
+    subset: int = 0                      # 0: everything
+    strict: bool = False
+    overwrite: bool = False
+    check_workers: int = 1
+
+
+def resolve_splits(root: str | None, train_root: str | None, val_root: str | None,
+                   only: str | None) -> dict[str, str]:
+    """--root R means R/train and R/val (whichever exist); --train-root/--val-root name one tree each."""
+    if root and (train_root or val_root):
+        raise ScanError("give either --root (a folder with train/ and val/) or --train-root/--val-root, not both")
+    if root:
+        if not os.path.isdir(root):
+            raise ScanError(f"{root}: no such directory")
+        splits = {name: os.path.join(root, name) for name in SPLITS if os.path.isdir(os.path.join(root, name))}
+        if not splits:
+            raise ScanError(f"{root}: has no train/ or val/ subfolder; to convert this tree as one split "
+                            f"pass --train-root {root} (or --val-root {root})")
+    else:
+        splits = {name: path for name, path in (("train", train_root), ("val", val_root)) if path}
+        if not splits:
+            raise ScanError("nothing to convert: pass --root, --train-root or --val-root")
+    if only:
+        if only not in splits:
+            raise ScanError(f"--only {only}: no {only} split was given (found: {', '.join(splits)})")
+        splits = {only: splits[only]}
+    return splits
+
+
+def convert(request: ConvertRequest) -> int:
+    """Runs the conversion; returns the process exit code (0 ok, 1 something was not written or
+    --strict saw a skipped file). Raises ScanError/ConvertError for one-line fatal errors."""
+    os.makedirs(request.out, exist_ok=True)
+    class_to_idx = _labels(request)
+    summaries = []
+    for split, root in request.splits.items():
+        summary = _convert_split(request, split, root, class_to_idx)
+        summaries.append(summary)
+        for line in summary_lines(summary):
+            print(line, flush=True)
+    skipped = sum(len(s.skipped) for s in summaries if s.status != "kept")
+    if request.strict and skipped:
+        print(f"error: --strict: {skipped} files would be skipped, so nothing was written for the splits that "
+              f"have them (list in {request.out}/skipped_<split>.tsv)", file=sys.stderr, flush=True)
+        return 1
+    return 1 if any(s.status == "failed" for s in summaries) else 0
+
+
+def _labels(request: ConvertRequest) -> dict[str, int]:
+    """Class name -> index from the train tree (ImageFolder order), or from an existing labels.json
+    / the val tree when only val is converted. Written to <out>/labels.json."""
+    labels_path = os.path.join(request.out, "labels.json")
+    existing = None
+    if os.path.exists(labels_path):
+        with open(labels_path) as fh:
+            existing = json.load(fh)
+    if "train" in request.splits:
+        class_to_idx = _class_index(request.splits["train"])
+    elif existing is not None:
+        class_to_idx = existing
+    else:
+        class_to_idx = _class_index(request.splits["val"])
+        print(f"note: labels taken from the val tree's own folders; convert train first (or together) "
+              f"if val may lack classes, so indices match the train split", flush=True)
+    if existing is not None and existing != class_to_idx:
+        raise ConvertError(f"{labels_path} lists a different class set than {request.splits.get('train', '')}; "
+                           "use a fresh --out folder or delete the old labels.json and .beton files")
+    tmp = labels_path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(class_to_idx, fh, indent=0)
+    os.replace(tmp, labels_path)
+    return class_to_idx
+
+
+def _class_index(root: str) -> dict[str, int]:
+    from torchvision.datasets.folder import find_classes
+
+    if not os.path.isdir(root):
+        raise ScanError(f"{root}: no such directory")
+    try:
+        return find_classes(root)[1]
+    except FileNotFoundError:
+        raise ScanError(f"{root}: no class folders found (empty tree); an ImageFolder tree needs "
+                        "<root>/<class>/<image> files") from None
+    except PermissionError:
+        raise ScanError(f"{root}: permission denied; make it readable (chmod a+rx {root})") from None
+
+
+def _convert_split(request: ConvertRequest, split: str, root: str, class_to_idx: dict[str, int]) -> SplitSummary:
+    final = os.path.join(request.out, f"{split}.beton")
+    summary = SplitSummary(split=split, output=final)
+    if os.path.exists(final) and not request.overwrite:
+        summary.status = "kept"
+        return summary
+    start = time.monotonic()
+    tree = scan_tree(root, class_to_idx)
+    summary.found = len(tree.samples)
+    summary.skipped.extend(tree.problems)
+    keep, sizes = _check(tree, request, split, summary)
+    names = {idx: name for name, idx in class_to_idx.items()}
+    present = {label for _, label in keep}
+    summary.empty_classes = [names[label] for label in sorted({label for _, label in tree.samples} - present)]
+    write_report(summary)
+    if request.strict and summary.skipped:
+        summary.status = "failed"
+        return summary
+    result = write_beton(final, keep, sizes, request.options, desc=f"write {split}")
+    summary.seconds = time.monotonic() - start
+    if result.late_failures:
+        summary.skipped.extend(Problem(path, "changed-during-write", reason) for path, reason in result.late_failures)
+        write_report(summary)
+        summary.status = "failed"
+        return summary
+    summary.written, summary.bytes = result.samples, result.bytes
+    return summary
+
+
+def _check(tree: SplitTree, request: ConvertRequest, split: str,
+           summary: SplitSummary) -> tuple[list[tuple[str, int]], list[tuple[int, int]]]:
+    """Decodes the candidates (all, or a round-robin subset topped up past bad files); returns the
+    usable (path, label) in ImageFolder order with their sizes."""
+    candidates = list(range(len(tree.samples)))
+    want = request.subset if request.subset > 0 else len(candidates)
+    if request.subset > 0:
+        candidates = round_robin(tree.samples)
+    good: dict[int, tuple[int, int]] = {}
+    position = 0
+    while len(good) < want and position < len(candidates):
+        batch = candidates[position:position + (want - len(good))]
+        position += len(batch)
+        results = check_files([tree.samples[i][0] for i in batch], request.check_workers, desc=f"check {split}")
+        for index, checked in zip(batch, results):
+            if checked.ok:
+                good[index] = (checked.width, checked.height)
+                if checked.note:
+                    for note in checked.note.split("; "):
+                        summary.converted[note] += 1
+            else:
+                summary.skipped.append(Problem(tree.samples[index][0], checked.reason, checked.detail))
+    order = sorted(good)
+    return [tree.samples[i] for i in order], [good[i] for i in order]
+

@@ -1,0 +1,184 @@
+"""Checking a .beton: structure, label histogram, resolution statistics, and decoding a sample of
+records both directly (each record's bytes) and through ffcv's Loader (the training path).
+
+ffcv's Reader does not notice a truncated file (numpy reads fewer records without complaint) and
+its JPEG decoder ignores errors, so the structure and each sampled record are checked explicitly.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, get_handlers,
+                        get_metadata_type)
+
+
+class VerifyError(Exception):
+    """The file is missing or damaged; the message is one line."""
+
+
+@dataclass
+class VerifyReport:
+    lines: list[str]
+    num_samples: int
+    num_classes: int
+    decoded: int
+
+
+def verify_beton(path: str, decode: int = 256) -> VerifyReport:
+    """Validates `path`; decodes `decode` evenly spread records (all when decode <= 0 or >= N)."""
+    if not os.path.exists(path):
+        raise VerifyError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise VerifyError(f"{path}: not a regular file")
+    size = os.path.getsize(path)
+    if size < HeaderType.itemsize:
+        raise VerifyError(f"{path}: {size} bytes is too short for an ffcv header (truncated or not a .beton)")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if int(header["version"]) != CURRENT_VERSION:
+        raise VerifyError(f"{path}: not an ffcv .beton (format version {int(header['version'])}, "
+                          f"expected {CURRENT_VERSION}); re-run the conversion")
+    num_samples, num_fields = int(header["num_samples"]), int(header["num_fields"])
+    if not 0 < num_fields <= 64:
+        raise VerifyError(f"{path}: header declares {num_fields} fields; the header is damaged")
+
+    descriptors_end = HeaderType.itemsize + num_fields * FieldDescType.itemsize
+    if size < descriptors_end:
+        raise VerifyError(f"{path}: truncated inside the field table ({size} bytes); re-run the conversion")
+    descriptors = np.fromfile(path, dtype=FieldDescType, count=num_fields, offset=HeaderType.itemsize)
+    try:
+        handlers = get_handlers(descriptors)
+        metadata_type = get_metadata_type(handlers)
+    except Exception as err:  # noqa: BLE001  unknown field type ids: the table is damaged
+        raise VerifyError(f"{path}: damaged field table ({type(err).__name__}: {err})") from None
+    # ffcv's Reader trusts these numbers (numpy silently reads short), so check them against the size
+    metadata_end = descriptors_end + num_samples * metadata_type.itemsize
+    alloc_ptr = int(header["alloc_table_ptr"])
+    if size < metadata_end:
+        raise VerifyError(f"{path}: truncated: header promises {num_samples} samples but the metadata "
+                          f"table is cut short ({size} bytes); re-run the conversion")
+    if alloc_ptr < metadata_end or alloc_ptr > size or (size - alloc_ptr) % ALLOC_TABLE_TYPE.itemsize:
+        raise VerifyError(f"{path}: truncated or damaged: allocation table at byte {alloc_ptr} does not fit "
+                          f"a {size}-byte file; re-run the conversion")
+
+    from ffcv.reader import Reader
+    try:
+        reader = Reader(path)
+    except Exception as err:  # noqa: BLE001
+        raise VerifyError(f"{path}: damaged header or field table ({type(err).__name__}: {err})") from None
+    names = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
+    if names.get("image") != "RGBImageField" or names.get("label") != "IntField":
+        raise VerifyError(f"{path}: fields are {names}; expected image (RGBImageField) and label (IntField) "
+                          "as written by `python -m data_prep convert`")
+    table = reader.alloc_table
+    if len(table) and int((table["ptr"] + table["size"]).max()) > alloc_ptr:
+        raise VerifyError(f"{path}: damaged: records point past the data region; re-run the conversion")
+
+    image_meta = reader.metadata[f"f{reader.field_names.index('image')}"]
+    labels = reader.metadata[f"f{reader.field_names.index('label')}"].astype(np.int64)
+    record_size = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
+    missing = [i for i, ptr in enumerate(image_meta["data_ptr"].tolist()) if ptr not in record_size]
+    if missing:
+        raise VerifyError(f"{path}: damaged: {len(missing)} image records have no allocation "
+                          f"(first sample {missing[0]}); re-run the conversion")
+    if num_samples == 0:
+        raise VerifyError(f"{path}: holds 0 samples")
+    if labels.min() < 0:
+        raise VerifyError(f"{path}: damaged: negative label {labels.min()}")
+
+    chosen = _choose(num_samples, decode)
+    _check_records(path, image_meta, record_size, chosen)
+    _decode_with_loader(path, chosen)
+
+    lines = [f"file: {path} ({_human(size)}), ffcv format v{CURRENT_VERSION}, fields: "
+             + ", ".join(f"{k} ({v})" for k, v in names.items())]
+    lines += _label_lines(labels, path)
+    lines += _resolution_lines(image_meta)
+    lines.append(f"decoded: {len(chosen)}/{num_samples} records OK (bytes checked one by one, "
+                 "then read through ffcv's Loader)")
+    return VerifyReport(lines, num_samples, int(np.unique(labels).size), len(chosen))
+
+
+def _choose(num_samples: int, decode: int) -> np.ndarray:
+    if decode <= 0 or decode >= num_samples:
+        return np.arange(num_samples)
+    return np.unique(np.linspace(0, num_samples - 1, decode).round().astype(np.int64))
+
+
+def _check_records(path: str, image_meta: np.ndarray, record_size: dict[int, int], chosen: np.ndarray) -> None:
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for index in chosen.tolist():
+        meta = image_meta[index]
+        ptr, width, height = int(meta["data_ptr"]), int(meta["width"]), int(meta["height"])
+        blob = data[ptr:ptr + record_size[ptr]]
+        if int(meta["mode"]) == 1:  # raw pixels
+            ok = blob.size >= width * height * 3
+        else:
+            image = cv2.imdecode(np.asarray(blob), cv2.IMREAD_COLOR)
+            ok = image is not None and image.shape[:2] == (height, width)
+        if not ok:
+            raise VerifyError(f"{path}: damaged: sample {index} does not decode to its recorded "
+                              f"{width}x{height} image; re-run the conversion")
+
+
+def _decode_with_loader(path: str, chosen: np.ndarray) -> None:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+
+    batch = int(min(64, len(chosen)))
+    loader = Loader(path, batch_size=batch, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    indices=chosen, drop_last=False, os_cache=True, batches_ahead=1,
+                    pipelines={"image": [CenterCropRGBImageDecoder((32, 32), ratio=1.0), ToTensor()],
+                               "label": [IntDecoder(), ToTensor()]})
+    seen = 0
+    for images, _ in loader:
+        seen += images.shape[0]
+    if seen != len(chosen):
+        raise VerifyError(f"{path}: ffcv's Loader returned {seen} of {len(chosen)} requested samples")
+
+
+def _label_lines(labels: np.ndarray, path: str) -> list[str]:
+    counts = np.bincount(labels)
+    present = counts[counts > 0]
+    names = _class_names(path)
+    line = (f"samples: {labels.size:,}; classes: {present.size} present (labels {labels.min()}-{labels.max()}); "
+            f"per class min {present.min()}, median {int(np.median(present))}, max {present.max()}")
+    lines = [line]
+    if names is not None:
+        absent = [name for name, idx in names.items() if idx >= counts.size or counts[idx] == 0]
+        lines.append(f"labels.json: {len(names)} classes" + (f"; {len(absent)} without samples here "
+                                                             f"(e.g. {absent[:3]})" if absent else ""))
+    return lines
+
+
+def _class_names(path: str) -> dict[str, int] | None:
+    candidate = os.path.join(os.path.dirname(os.path.abspath(path)), "labels.json")
+    try:
+        with open(candidate) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def _resolution_lines(image_meta: np.ndarray) -> list[str]:
+    widths, heights = image_meta["width"].astype(np.int64), image_meta["height"].astype(np.int64)
+    jpg = int((image_meta["mode"] == 0).sum())
+
+    def stats(values: np.ndarray) -> str:
+        return f"min {values.min()}, median {int(np.median(values))}, max {values.max()}"
+
+    return [f"width: {stats(widths)}; height: {stats(heights)}",
+            f"stored: {jpg:,} jpg, {widths.size - jpg:,} raw"]
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} TB"

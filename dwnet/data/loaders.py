@@ -1,0 +1,154 @@
+"""The train and val loaders the engine uses, over either backend (ffcv .beton or ImageFolder)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from dwnet.config import AugmentConfig, DataConfig
+
+from .augment import BatchAugment, normalize
+from .rng import derive_key
+from .sharding import train_batches_per_epoch, train_epoch_indices, val_rank_indices
+
+_EPOCH, _BATCH = 0x45, 0x42
+
+
+class TrainLoader:
+    """Per-rank training batches. `len(loader)` batches per epoch (the same on every rank; the tail
+    that does not fill a batch on every rank is dropped, a different tail each epoch), each
+    `(images, targets)`: float32 normalised NCHW images on the device, and (B, num_classes) soft
+    targets when mixup/cutmix or label smoothing is on, else int64 labels.
+
+    Everything random is a function of (seed, epoch, rank, world_size) and the batch or sample index:
+    `epoch(e)` twice gives identical batches, and `epoch(e, start_batch=k)` gives exactly batches
+    k.. of `epoch(e)`, reading (and decoding) only those samples."""
+
+    def __init__(self, reader, augment: BatchAugment, *, dataset_size: int, batch_size: int, seed: int, rank: int,
+                 world_size: int, channels_last: bool) -> None:
+        self.reader = reader
+        self.augment = augment
+        self.dataset_size = dataset_size
+        self.batch_size = batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.channels_last = channels_last
+        self._batches = train_batches_per_epoch(dataset_size, world_size, batch_size)
+
+    def __len__(self) -> int:
+        return self._batches
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch on this rank."""
+        return self._batches * self.batch_size
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """Dataset indices this rank reads in `epoch`, in order (batch b is [b*B:(b+1)*B])."""
+        return train_epoch_indices(self.dataset_size, seed=self.seed, epoch=epoch, rank=self.rank,
+                                   world_size=self.world_size, batch_size=self.batch_size)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not 0 <= start_batch <= self._batches:
+            raise ValueError(f"start_batch={start_batch} is outside this epoch's 0..{self._batches} batches")
+        indices = self.epoch_indices(epoch)[start_batch * self.batch_size:]
+        epoch_key = derive_key(_EPOCH, self.seed, epoch)  # per-sample crops: independent of rank layout
+        batches = self.reader.batches(indices, epoch_key)
+        try:
+            for batch_index, (images, labels) in enumerate(batches, start=start_batch):
+                key = derive_key(_BATCH, self.seed, epoch, self.rank, batch_index)
+                yield self.augment(images, labels, key=key, channels_last=self.channels_last)
+        finally:
+            batches.close()
+
+
+class ValLoader:
+    """Per-rank eval batches `(images, labels int64)`. Over all ranks every sample appears exactly
+    once with its label; ranks with fewer samples get padding samples labelled -1 (to be ignored),
+    so all ranks yield the same number of batches. `num_samples` is the total over all ranks."""
+
+    def __init__(self, reader, *, num_samples: int, indices: np.ndarray, real_count: int,
+                 channels_last: bool) -> None:
+        self.reader = reader
+        self.num_samples = num_samples
+        self.indices = indices        # dataset indices this rank reads, padding included
+        self.real_count = real_count  # this rank's real samples: the first ones it reads
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        position = 0
+        for images, labels in self.reader.batches():
+            labels = labels.view(-1).long().clone()
+            count = labels.shape[0]
+            if position + count > self.real_count:
+                padding = torch.arange(position, position + count, device=labels.device) >= self.real_count
+                labels[padding] = -1
+            position += count
+            yield normalize(images, self.channels_last), labels
+
+
+def _check_world(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+
+
+def build_train_loader(data: DataConfig, augment: AugmentConfig, *, num_classes: int, rank: int, world_size: int,
+                       seed: int, device: torch.device, channels_last: bool = False) -> TrainLoader:
+    _check_world(rank, world_size)
+    device = torch.device(device)
+    batch_augment = BatchAugment(augment, image_size=data.image_size, num_classes=num_classes,
+                                 batch_size=data.batch_size, device=device)
+    if data.backend == "ffcv":
+        from .ffcv_backend import FfcvTrainReader, _check_file, beton_num_samples
+
+        _check_file(data.train_path, "train")
+        size = beton_num_samples(data.train_path)
+    else:
+        from .imagefolder_backend import ImageFolderTrainReader
+
+        reader = ImageFolderTrainReader(data.train_path, image_size=data.image_size, scale=augment.scale,
+                                        ratio=augment.ratio, hflip=augment.hflip, batch_size=data.batch_size,
+                                        num_workers=data.num_workers, device=device)
+        size = len(reader)
+    if train_batches_per_epoch(size, world_size, data.batch_size) == 0:
+        raise ValueError(f"data.train_path={data.train_path} has {size} samples, fewer than one batch per rank "
+                         f"(data.batch_size={data.batch_size} x {world_size} ranks); lower data.batch_size")
+    loader_args = dict(dataset_size=size, batch_size=data.batch_size, seed=seed, rank=rank, world_size=world_size,
+                       channels_last=channels_last)
+    if data.backend == "ffcv":
+        first = train_epoch_indices(size, seed=seed, epoch=0, rank=rank, world_size=world_size,
+                                    batch_size=data.batch_size)
+        reader = FfcvTrainReader(data.train_path, image_size=data.image_size, scale=augment.scale,
+                                 ratio=augment.ratio, hflip=augment.hflip, batch_size=data.batch_size,
+                                 num_workers=data.num_workers, os_cache=data.os_cache,
+                                 batches_ahead=data.batches_ahead, device=device, first_indices=first)
+    return TrainLoader(reader, batch_augment, **loader_args)
+
+
+def build_val_loader(data: DataConfig, *, rank: int, world_size: int, device: torch.device,
+                     channels_last: bool = False) -> ValLoader:
+    _check_world(rank, world_size)
+    device = torch.device(device)
+    if data.backend == "ffcv":
+        from .ffcv_backend import FfcvValReader, _check_file, beton_num_samples
+
+        _check_file(data.val_path, "val")
+        size = beton_num_samples(data.val_path)
+        indices, real = val_rank_indices(size, rank=rank, world_size=world_size)
+        reader = FfcvValReader(data.val_path, image_size=data.image_size, crop_pct=data.crop_pct,
+                               batch_size=data.batch_size, num_workers=data.num_workers, os_cache=data.os_cache,
+                               batches_ahead=data.batches_ahead, device=device, indices=indices)
+    else:
+        from .imagefolder_backend import ImageFolderValReader, open_image_folder
+
+        size = len(open_image_folder(data.val_path, "val"))
+        indices, real = val_rank_indices(size, rank=rank, world_size=world_size)
+        reader = ImageFolderValReader(data.val_path, image_size=data.image_size, crop_pct=data.crop_pct,
+                                      batch_size=data.batch_size, num_workers=data.num_workers, device=device,
+                                      indices=indices)
+    if size == 0:
+        raise ValueError(f"data.val_path={data.val_path} holds no samples")
+    return ValLoader(reader, num_samples=size, indices=indices, real_count=real, channels_last=channels_last)

@@ -1,0 +1,292 @@
+"""`python -m data_prep`: ImageFolder -> .beton conversion on real images, bad input of every kind,
+atomic output, and `verify` on good and damaged files."""
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from conftest import DIGITS_TRAIN, DIGITS_VAL, digit_images, write_digits_tree
+
+from data_prep.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def beton_contents(path):
+    """(labels, widths, heights) straight from a .beton's metadata."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    image = reader.metadata[f"f{reader.field_names.index('image')}"]
+    labels = reader.metadata[f"f{reader.field_names.index('label')}"]
+    return labels.astype(int).tolist(), image["width"].tolist(), image["height"].tolist()
+
+
+def read_report(path):
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    return {Path(row["path"]).name: row["reason"] for row in rows}
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+# ---- good data ---------------------------------------------------------------------------------
+def test_convert_matches_imagefolder(digits_root, digits_betons):
+    from torchvision.datasets import ImageFolder
+
+    for split, count in (("train", DIGITS_TRAIN), ("val", DIGITS_VAL)):
+        folder = ImageFolder(str(digits_root / split))
+        labels, widths, heights = beton_contents(digits_betons / f"{split}.beton")
+        assert len(labels) == count
+        assert labels == [target for _, target in folder.samples]  # same order, same class indices
+        assert set(widths) == {32} and set(heights) == {32}
+        assert read_report(digits_betons / f"skipped_{split}.tsv") == {}
+    class_to_idx = json.loads((digits_betons / "labels.json").read_text())
+    assert class_to_idx == ImageFolder(str(digits_root / "train")).class_to_idx
+    assert not list(digits_betons.glob(".*.tmp*"))
+
+
+def test_subset_is_deterministic_and_covers_classes(digits_root, tmp_path, capsys):
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert main(["convert", "--train-root", str(digits_root / "train"), "--out", str(out),
+                     "--subset", "20", "--num-workers", "1"]) == 0
+    first, second = beton_contents(tmp_path / "a" / "train.beton"), beton_contents(tmp_path / "b" / "train.beton")
+    assert first == second
+    assert sorted(first[0]) == sorted(list(range(10)) * 2)  # round robin: two per class
+    assert not (tmp_path / "a" / "val.beton").exists()
+    assert "train: 160 image files found, 20 written, 0 skipped" in capsys.readouterr().out
+
+
+def test_existing_output_is_kept_unless_overwrite(digits_root, tmp_path, capsys):
+    args = ["convert", "--train-root", str(digits_root / "val"), "--out", str(tmp_path), "--num-workers", "1"]
+    assert main(args) == 0
+    before = (tmp_path / "train.beton").stat().st_mtime_ns
+    assert main(args) == 0
+    assert "exists, kept" in capsys.readouterr().out
+    assert (tmp_path / "train.beton").stat().st_mtime_ns == before
+    assert main(args + ["--overwrite", "--max-resolution", "16"]) == 0
+    assert set(beton_contents(tmp_path / "train.beton")[1]) == {16}
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+def _jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, **kwargs)
+    return buffer.getvalue()
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bad_tree(tmp_path_factory):
+    """Three classes of real digits plus one file of every problematic kind. Returns (root, expected
+    skips {name: reason}, odd-but-usable names, number of usable images)."""
+    root = tmp_path_factory.mktemp("bad") / "train"
+    images = [image for _, _, image in digit_images(0, 12)]
+    for k, name in enumerate(("a", "b", "c")):
+        (root / name).mkdir(parents=True)
+        for j in range(3):
+            images[3 * k + j].save(root / name / f"good{j}.jpg", quality=95)
+    photo = Image.fromarray(__import__("skimage.data", fromlist=["x"]).chelsea())
+    good = _jpeg_bytes(photo)
+    (root / "a" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "a" / "empty.jpg").write_bytes(b"")
+    (root / "a" / "notes.txt").write_text("not an image\n")
+    (root / "a" / "garbage.jpeg").write_bytes(os.urandom(2048))
+    (root / "b" / "cmyk.jpg").write_bytes(_jpeg_bytes(photo.convert("CMYK")))
+    (root / "b" / "png_inside.JPEG").write_bytes(_png_bytes(images[9]))
+    images[10].convert("L").save(root / "b" / "gray.jpg")
+    deep = Image.fromarray((np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16))
+    deep.save(root / "c" / "deep16.png")
+    images[11].convert("P", palette=Image.ADAPTIVE).save(root / "c" / "palette.png")
+    (root / "README.txt").write_text("stray file at the split root\n")
+    skips = {"truncated.jpg": "truncated", "empty.jpg": "empty-file", "notes.txt": "not-an-image-file",
+             "garbage.jpeg": "not-an-image", "README.txt": "outside-class-folder"}
+    odd = {"cmyk.jpg", "png_inside.JPEG", "gray.jpg", "deep16.png", "palette.png"}
+    return root, skips, odd, 9 + len(odd)
+
+
+def test_bad_files_are_skipped_and_reported(bad_tree, tmp_path, capsys):
+    root, skips, odd, usable = bad_tree
+    assert main(["convert", "--train-root", str(root), "--out", str(tmp_path), "--num-workers", "2"]) == 0
+    labels, widths, heights = beton_contents(tmp_path / "train.beton")
+    assert len(labels) == usable
+    assert sorted(set(labels)) == [0, 1, 2]
+    assert read_report(tmp_path / "skipped_train.tsv") == skips
+    out = capsys.readouterr().out
+    assert f"{usable} written, {len(skips)} skipped" in out
+    for reason in set(skips.values()):
+        assert reason in out
+    assert "CMYK->RGB 1" in out and "PNG data in .JPEG file 1" in out and "I;16->RGB (rescaled to 8 bits) 1" in out
+
+
+def test_odd_images_become_sensible_rgb(bad_tree):
+    from dwnet.data.image_io import load_rgb
+
+    root = bad_tree[0]
+    deep, note = load_rgb(str(root / "c" / "deep16.png"))
+    pixels = np.asarray(deep)
+    assert deep.mode == "RGB" and "I;16" in note
+    assert pixels.min() == 0 and pixels.max() == 255 and 100 < pixels.mean() < 155  # rescaled, not clipped white
+    for name in ("cmyk.jpg", "png_inside.JPEG", "gray.jpg", "palette.png"):
+        folder = "b" if name != "palette.png" else "c"
+        image, note = load_rgb(str(root / folder / name))
+        assert image.mode == "RGB" and note
+
+
+def test_strict_exits_nonzero_without_writing(bad_tree, tmp_path, capsys):
+    root, skips, _, _ = bad_tree
+    assert main(["convert", "--train-root", str(root), "--out", str(tmp_path), "--strict", "--num-workers", "1"]) == 1
+    assert not (tmp_path / "train.beton").exists()
+    assert read_report(tmp_path / "skipped_train.tsv") == skips
+    assert "--strict" in one_line_error(capsys)
+
+
+def test_unreadable_folder_is_reported(tmp_path):
+    root = tmp_path / "train"
+    write_digits_tree(root, 0, 20)
+    locked = root / "digit0" / "locked"
+    locked.mkdir()
+    next(digit_images(0, 1))[2].save(locked / "hidden.jpg")
+    locked.chmod(0)
+    try:
+        try:
+            os.listdir(locked)
+            pytest.skip("running with privileges that ignore chmod 000 (root): cannot make a folder unreadable")
+        except PermissionError:
+            pass
+        assert main(["convert", "--train-root", str(root), "--out", str(tmp_path / "out"), "--num-workers", "1"]) == 0
+        assert read_report(tmp_path / "out" / "skipped_train.tsv") == {"locked": "unreadable-folder"}
+        assert len(beton_contents(tmp_path / "out" / "train.beton")[0]) == 20
+    finally:
+        locked.chmod(0o755)
+
+
+def test_empty_tree_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    assert main(["convert", "--train-root", str(tmp_path / "train"), "--out", str(tmp_path / "out")]) == 1
+    line = one_line_error(capsys)
+    assert str(tmp_path / "train") in line and "no class folders" in line
+
+
+def test_empty_class_folder_is_a_one_line_error(tmp_path, capsys):
+    write_digits_tree(tmp_path / "train", 0, 20)
+    (tmp_path / "train" / "zz_empty").mkdir()
+    assert main(["convert", "--train-root", str(tmp_path / "train"), "--out", str(tmp_path / "out")]) == 1
+    line = one_line_error(capsys)
+    assert str(tmp_path / "train" / "zz_empty") in line and "no image files" in line
+
+
+def test_root_without_splits_explains_the_fix(tmp_path, capsys):
+    write_digits_tree(tmp_path / "flat", 0, 10)
+    assert main(["convert", "--root", str(tmp_path / "flat"), "--out", str(tmp_path / "out")]) == 1
+    assert "--train-root" in one_line_error(capsys)
+
+
+def test_help_explains_options():
+    result = subprocess.run([sys.executable, "-m", "data_prep", "convert", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for option in ("--root", "--train-root", "--val-root", "--max-resolution", "--jpeg-quality",
+                   "--compress-probability", "--write-mode", "--num-workers", "--subset", "--strict"):
+        assert option in result.stdout
+
+
+# ---- atomic output -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_killed_conversion_leaves_no_final_file_and_rerun_succeeds(tmp_path):
+    import skimage.data
+
+    root = tmp_path / "photos"
+    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
+    for k, photo in enumerate(photos):
+        (root / f"class{k}").mkdir(parents=True)
+        Image.fromarray(photo).save(root / f"class{k}" / "0.jpg", quality=90)
+        for j in range(1, 60):  # hard links: many files, little disk
+            os.link(root / f"class{k}" / "0.jpg", root / f"class{k}" / f"{j}.jpg")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "data_prep", "convert", "--train-root", str(root), "--out", str(out),
+               "--num-workers", "1", "--write-mode", "raw", "--max-resolution", "0"]
+    proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while not list(out.glob(".train.beton.tmp.*.shm")):  # ffcv's writer has started
+            assert proc.poll() is None, "converter finished before it could be interrupted"
+            assert time.monotonic() < deadline, "converter never started writing"
+            time.sleep(0.02)
+        time.sleep(0.3)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: ffcv's writer processes too
+        proc.wait(timeout=30)
+    assert not (out / "train.beton").exists()
+    assert list(out.glob(".train.beton.tmp.*"))  # the partial file exists, but only under its temp name
+    leaked = Path("/dev/shm") / next(out.glob(".train.beton.tmp.*.shm")).read_text().strip()
+    assert leaked.exists()  # SIGKILL leaks ffcv's shared-memory metadata table ...
+    assert main(["convert", "--train-root", str(root), "--out", str(out), "--num-workers", "1",
+                 "--write-mode", "raw", "--max-resolution", "0"]) == 0
+    assert not list(out.glob(".train.beton.tmp.*"))
+    assert not leaked.exists()  # ... which the rerun releases along with the stale temporary file
+    labels, widths, _ = beton_contents(out / "train.beton")
+    assert len(labels) == 240 and max(widths) == 640
+    assert main(["verify", str(out / "train.beton"), "--decode", "8"]) == 0
+
+
+# ---- verify --------------------------------------------------------------------------------------
+def test_verify_good_file(digits_betons, capsys):
+    assert main(["verify", str(digits_betons / "train.beton"), "--decode", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"samples: {DIGITS_TRAIN}" in out and "classes: 10 present" in out
+    assert "width: min 32" in out and f"decoded: {DIGITS_TRAIN}/{DIGITS_TRAIN}" in out and out.strip().endswith("OK")
+
+
+def _damage(source: Path, target: Path, how: str) -> None:
+    data = bytearray(source.read_bytes())
+    if how == "truncated":
+        data = data[: int(len(data) * 0.6)]
+    elif how == "garbage":
+        data = bytearray(os.urandom(4096))
+    elif how == "record":
+        from ffcv.reader import Reader
+
+        reader = Reader(str(source))
+        ptr = int(reader.metadata[f"f{reader.field_names.index('image')}"]["data_ptr"][3])
+        data[ptr:ptr + 16] = bytes(16)  # wipe sample 3's JPEG header
+    target.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how, message", [("truncated", "truncated"), ("garbage", "not an ffcv .beton"),
+                                          ("record", "sample 3 does not decode"), ("missing", "no such file")])
+def test_verify_damaged_file_fails_in_one_line(digits_betons, tmp_path, capsys, how, message):
+    target = tmp_path / "damaged.beton"
+    if how != "missing":
+        _damage(digits_betons / "val.beton", target, how)
+    assert main(["verify", str(target), "--decode", "0"]) == 1
+    line = one_line_error(capsys)
+    assert str(target) in line and message in line
+
+
+def test_verify_cli_exit_code(digits_betons, tmp_path):
+    shutil.copy(digits_betons / "val.beton", tmp_path / "v.beton")
+    os.truncate(tmp_path / "v.beton", 1000)
+    result = subprocess.run([sys.executable, "-m", "data_prep", "verify", str(tmp_path / "v.beton")], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0 and "truncated" in result.stderr
