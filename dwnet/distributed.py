@@ -346,11 +346,15 @@ def _bind_device(env: DistEnv, cuda: bool) -> None:
 
     if cuda:
         count = torch.cuda.device_count()
-        if env.local_rank >= count:
+        if env.local_rank < count:
+            device = env.local_rank
+        elif count == 1:  # the launcher gave each rank its own GPU (srun --gpus-per-task=1, --gpu-bind)
+            device = 0
+        else:
             raise DistError(f"LOCAL_RANK={env.local_rank} on {socket.gethostname()} but only {count} CUDA "
                             f"device(s) are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r});"
                             " launch at most one rank per GPU")
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(device)
         return
     if os.environ.get("DWNET_NUM_THREADS"):
         threads = int(os.environ["DWNET_NUM_THREADS"])
@@ -482,6 +486,8 @@ def _one_line_errors() -> tuple[type, ...]:
 
 
 def _who() -> str:
+    if _ENV is not None:
+        return f"rank {_ENV.rank}/{_ENV.world_size} on {socket.gethostname()} (pid {os.getpid()})"
     r = os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK") \
         or os.environ.get("SLURM_PROCID") or "0"
     w = os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") \
