@@ -128,13 +128,24 @@ def test_any_input_size(size):
     assert out.shape == (1, 5) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn-post-ops", "eager-ops"])
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_batchnorm_fusion_matches_unfused(dynamic):
+def test_batchnorm_fusion_matches_unfused(dynamic, onednn):
+    from dwnet.models.fusion import FusedDWNetBlock, onednn_pointwise_available
+
+    if onednn and not onednn_pointwise_available():
+        pytest.skip("this torch build lacks oneDNN's pointwise post-op kernels")
     model = with_random_bn_statistics(tiny_dwnet(dynamic))
     x = torch.randn(3, 3, 72, 56)
     fused = fuse_batchnorm(copy.deepcopy(model))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    blocks = [m for m in fused.modules() if isinstance(m, FusedDWNetBlock)]
+    assert len(blocks) == 1 + 1 + 2 + 1  # tiny_dwnet's depths
+    for block in blocks:
+        block.onednn_ok = block.onednn_ok and onednn
+        assert block._use_onednn(x) is False  # grad mode on: never the inference-only kernels
     with torch.no_grad():
+        assert all(block._use_onednn(x) == onednn for block in blocks)
         torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
 
 
