@@ -21,6 +21,7 @@ the interface whose address rank 0 advertises when mpi4py discovers the master.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -414,8 +415,28 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
     if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
         raise DistError(f"process group came up as rank {dist.get_rank()}/{dist.get_world_size()}, "
                         f"the launcher said {env.rank}/{env.world_size}")
+    if not cuda:
+        _unlink_shm_allreduce_buffer(env)
     _ENV = env
     return env
+
+
+def shm_allreduce_buffer_path(env: DistEnv) -> str:
+    """Where DeepSpeed's CPU shared-memory all-reduce keeps this rank's ~70 MB workspace."""
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.master_addr}_{env.master_port}_{env.rank}"
+
+
+def _unlink_shm_allreduce_buffer(env: DistEnv) -> None:
+    """DeepSpeed's CPU backend creates one shared-memory workspace per rank when all ranks share a
+    host and never unlinks it: every run, and every killed run, would leave ~70 MB per rank in
+    /dev/shm (RAM) until reboot. Once every rank has mapped its peers' workspaces (the barrier),
+    the names can go: the mappings live on until the processes exit, however they exit."""
+    import torch.distributed as dist
+
+    if env.world_size > 1:
+        dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(shm_allreduce_buffer_path(env))
 
 
 def get_env() -> DistEnv | None:

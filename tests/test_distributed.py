@@ -5,6 +5,7 @@ loopback sshd, openmpi), plain mpirun, torchrun and no launcher.
 All traffic stays on 127.0.0.1; every process started here is stopped by pid / process group."""
 from __future__ import annotations
 
+import glob
 import json
 import socket
 import subprocess
@@ -292,11 +293,14 @@ def test_launch_without_launcher(run_dir):
 
 @pytest.mark.slow
 def test_launch_torchrun(run_dir):
+    port = free_port()
     cmd = [VENV_BIN / "torchrun", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), WORKER, "--out", run_dir / "out"]
+           "--master_port", str(port), WORKER, "--out", run_dir / "out"]
     rc, log = _run(cmd, run_dir, clean_env())
     assert rc == 0, log
     _check_world(run_dir / "out", "torchrun")
+    # DeepSpeed's CPU shm all-reduce workspaces (~70 MB per rank) must not outlive the run
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*")
 
 
 @pytest.mark.slow
