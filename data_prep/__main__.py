@@ -37,10 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="resize so the longer side is at most this many pixels (0: keep originals). 500 follows "
                           "ffcv-imagenet: RandomResizedCrop takes crops down to 8%% of the area, so a larger "
                           "stored image keeps 224px crops sharp; eval (resize 256, crop 224) is unaffected")
-    fmt.add_argument("--write-mode", choices=("jpg", "raw", "smart", "proportion"), default="jpg",
-                     help="jpg: JPEG every image (smallest file; ImageNet at 500px ~ 60-80 GB); raw: pixels "
-                          "(fastest to decode, ~10x larger); smart: JPEG only images above --smart-threshold "
-                          "bytes; proportion: JPEG a random --compress-probability share (ffcv-imagenet used 0.5)")
+    fmt.add_argument("--write-mode", choices=("jpg", "raw", "smart", "proportion"), default="proportion",
+                     help="proportion (ffcv-imagenet's choice): JPEG a random --compress-probability share, store "
+                          "the rest as pixels, trading disk for decode time; jpg: JPEG every image (smallest "
+                          "file, slowest to read); raw: pixels only (fastest, ~10x larger than jpg); smart: JPEG "
+                          "only images above --smart-threshold bytes")
     fmt.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (1-100)")
     fmt.add_argument("--compress-probability", type=float, default=0.5, help="share JPEG-compressed in proportion mode")
     fmt.add_argument("--smart-threshold", type=int, default=256 * 256 * 3,

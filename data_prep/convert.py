@@ -23,7 +23,7 @@ from dwnet.data.image_io import ImageReadError, load_rgb
 @dataclass
 class WriteOptions:
     max_resolution: int | None = 500
-    write_mode: str = "jpg"
+    write_mode: str = "proportion"
     jpeg_quality: int = 90
     compress_probability: float = 0.5
     smart_threshold: int = 256 * 256 * 3

@@ -258,8 +258,10 @@ def test_verify_good_file(digits_betons, capsys):
     assert "width: min 32" in out and f"decoded: {DIGITS_TRAIN}/{DIGITS_TRAIN}" in out and out.strip().endswith("OK")
 
 
-def _damage(source: Path, target: Path, how: str) -> None:
+def _damage(source: Path, target: Path, how: str) -> str:
+    """Writes a damaged copy of `source`; returns what verify must say about it."""
     data = bytearray(source.read_bytes())
+    message = {"truncated": "truncated", "garbage": "not an ffcv .beton", "missing": "no such file"}.get(how)
     if how == "truncated":
         data = data[: int(len(data) * 0.6)]
     elif how == "garbage":
@@ -268,17 +270,20 @@ def _damage(source: Path, target: Path, how: str) -> None:
         from ffcv.reader import Reader
 
         reader = Reader(str(source))
-        ptr = int(reader.metadata[f"f{reader.field_names.index('image')}"]["data_ptr"][3])
-        data[ptr:ptr + 16] = bytes(16)  # wipe sample 3's JPEG header
-    target.write_bytes(bytes(data))
-
-
-@pytest.mark.parametrize("how, message", [("truncated", "truncated"), ("garbage", "not an ffcv .beton"),
-                                          ("record", "sample 3 does not decode"), ("missing", "no such file")])
-def test_verify_damaged_file_fails_in_one_line(digits_betons, tmp_path, capsys, how, message):
-    target = tmp_path / "damaged.beton"
+        images = reader.metadata[f"f{reader.field_names.index('image')}"]
+        jpeg = int(np.flatnonzero(images["mode"] == 0)[0])  # a JPEG record (proportion mode mixes in raw)
+        ptr = int(images["data_ptr"][jpeg])
+        data[ptr:ptr + 16] = bytes(16)  # wipe its JPEG header
+        message = f"sample {jpeg} does not decode"
     if how != "missing":
-        _damage(digits_betons / "val.beton", target, how)
+        target.write_bytes(bytes(data))
+    return message
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "record", "missing"])
+def test_verify_damaged_file_fails_in_one_line(digits_betons, tmp_path, capsys, how):
+    target = tmp_path / "damaged.beton"
+    message = _damage(digits_betons / "val.beton", target, how)
     assert main(["verify", str(target), "--decode", "0"]) == 1
     line = one_line_error(capsys)
     assert str(target) in line and message in line

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Training input pipeline: ffcv .beton vs torchvision ImageFolder + PIL, images/s, one process.
+
+    python bench/loader.py                         # 2-core defaults: 768 photos, 224px, 2 workers
+    python bench/loader.py --images 4096 --workers 16 --batch 256
+
+Both sides are `dwnet.data.build_train_loader` with the same config except `data.backend`: the
+same per-sample RandomResizedCrop(0.08-1, 3/4-4/3) + flip draws, the same resolution, batch and
+worker count (ffcv: numba threads; ImageFolder: DataLoader processes), uint8 -> normalised float
+on the same device. Batch-level augmentations (RandAugment, erasing, mixup) run after either
+loader on the same tensors, so they are off by default (`--batch-augment` turns them on).
+
+Images: ImageNet-sized crops (about 500x375, the size ffcv-imagenet stores) of the sample photos
+that ship with scikit-image and scikit-learn, written as JPEG quality 90 under 10 class folders,
+then converted by `python -m data_prep convert` (--max-resolution 500 and, by default, the
+converter's ffcv-imagenet write mode: half the images JPEG quality 90, half raw pixels). The epochs
+alternate between the two loaders and the ratio is the median of per-round ratios. Target: >= 3x.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import REPO_ROOT, median, print_machine, round_ratios, table, verdict
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dwnet.config import AugmentConfig, DataConfig  # noqa: E402
+from dwnet.data import build_train_loader  # noqa: E402
+
+TARGET = 3.0
+
+
+def sample_photos() -> list[np.ndarray]:
+    """RGB uint8 photos from the installed packages (no download)."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = list(load_sample_images().images)
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "motorcycle_left"):
+        try:
+            image = getattr(skimage.data, name)()
+        except Exception:  # noqa: BLE001 - a photo missing from this scikit-image version: use the rest
+            continue
+        if image.ndim == 3 and image.shape[2] == 3:
+            photos.append(image)
+    return photos
+
+
+def write_tree(root: str, count: int, seed: int = 0) -> None:
+    """`count` JPEGs of about ImageNet's size and aspect mix, cut at random from the photos."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    photos = sample_photos()
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        pil = Image.fromarray(photo)
+        scale = 500 / max(photo.shape[:2]) * rng.uniform(1.0, 1.6)  # upscale a little, then cut
+        pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.BICUBIC)
+        w, h = (500, 375) if rng.random() < 0.75 else (375, 500)
+        w, h = min(w, pil.width), min(h, pil.height)
+        left, top = rng.integers(0, pil.width - w + 1), rng.integers(0, pil.height - h + 1)
+        folder = os.path.join(root, f"class{i % 10}")
+        os.makedirs(folder, exist_ok=True)
+        pil.crop((left, top, left + w, top + h)).save(os.path.join(folder, f"{i:06d}.JPEG"), quality=90)
+
+
+def epoch_time(loader, epoch: int) -> tuple[float, int]:
+    start, images = time.perf_counter(), 0
+    for x, _ in loader.epoch(epoch):
+        images += x.shape[0]
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, images
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=768, help="photos in the synthetic train tree")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="decode workers for both loaders")
+    p.add_argument("--rounds", type=int, default=3, help="epochs per loader, alternating")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-augment", action="store_true", help="also RandAugment, erasing and mixup/cutmix")
+    p.add_argument("--write-mode", choices=("proportion", "jpg", "raw"), default="proportion",
+                   help="how data_prep stores the images (its --write-mode)")
+    p.add_argument("--workdir", default="", help="keep the tree and .beton here (default: a temp dir)")
+    p.add_argument("--strict", action="store_true", help="exit 1 if the target is missed")
+    args = p.parse_args(argv)
+
+    print_machine(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or tmp
+        tree, out = os.path.join(work, "tree"), os.path.join(work, "beton")
+        if not os.path.isdir(tree):
+            write_tree(tree, args.images)
+        out = f"{out}-{args.write_mode}"
+        if not os.path.isfile(os.path.join(out, "train.beton")):
+            subprocess.run([sys.executable, "-m", "data_prep", "convert", "--train-root", tree, "--out", out,
+                            "--max-resolution", "500", "--write-mode", args.write_mode,
+                            "--num-workers", str(args.workers)],
+                           check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
+        augment = AugmentConfig() if args.batch_augment else AugmentConfig(
+            rand_augment="", random_erasing=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
+        data = DataConfig(image_size=args.image_size, batch_size=args.batch, num_workers=args.workers)
+        configs = {"ffcv": dataclasses.replace(data, backend="ffcv", train_path=os.path.join(out, "train.beton")),
+                   "imagefolder+PIL": dataclasses.replace(data, backend="imagefolder", train_path=tree)}
+        loaders = {name: build_train_loader(cfg, augment, num_classes=10, rank=0, world_size=1, seed=0,
+                                            device=torch.device(args.device)) for name, cfg in configs.items()}
+        print(f"{args.images} JPEGs (~500x375; .beton write mode {args.write_mode}), {args.image_size}px, batch {args.batch}, {args.workers} workers, "
+              f"{args.device}, batch augmentations {'on' if args.batch_augment else 'off'}, "
+              f"{args.rounds} alternating epochs per loader after one warm-up epoch each")
+        for name, loader in loaders.items():  # warm-up: numba compilation, worker start, page cache
+            epoch_time(loader, 0)
+        times: dict[str, list[float]] = {name: [] for name in loaders}
+        counts: dict[str, int] = {}
+        for round_ in range(1, args.rounds + 1):
+            order = list(loaders) if round_ % 2 else list(reversed(loaders))
+            for name in order:
+                seconds, counts[name] = epoch_time(loaders[name], round_)
+                times[name].append(seconds)
+
+    rows = [[name, f"{counts[name] / median(t):.0f}", f"{median(t):.2f}"] for name, t in times.items()]
+    print()
+    print(table(["train loader", "images/s", "s/epoch (median)"], rows))
+    mid, lo, hi = round_ratios(times["imagefolder+PIL"], times["ffcv"])
+    print()
+    print(table(["ratio (same run, median of per-round ratios)", "ratio", "range", "target", "result"],
+                [["ffcv / imagefolder+PIL images/s", f"{mid:.2f}x", f"{lo:.2f}-{hi:.2f}", f">= {TARGET}",
+                  verdict(mid, TARGET)]]))
+    return 1 if (args.strict and mid < TARGET) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
