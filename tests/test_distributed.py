@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -478,3 +480,56 @@ def test_launch_recipe(run_dir, recipe, loopback_ssh):
         assert "pdsh -S" in log
         assert (run_dir / "tmp").is_dir() and not list((run_dir / "tmp").iterdir())  # generated env file removed
         _assert_no_sessions(loopback_ssh)
+
+
+# ---- real training through each multi-node launcher --------------------------------------------------
+def _training_command(launcher: str, run: Path, betons: Path, port: int) -> list:
+    train = [REPO / "train.py", "--config", REPO / "ds_configs" / "demo_cpu.yaml", "--opts",
+             f"data.train_path={betons / 'train.beton'}", f"data.val_path={betons / 'val.beton'}",
+             "data.batch_size=16", "optim.epochs=1", "optim.warmup_epochs=0", "checkpoint.every_steps=0",
+             f"checkpoint.dir={run / 'run'}", "log.progress=false"]
+    hostfile = run / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    if launcher == "deepspeed-pdsh":
+        return [VENV_BIN / "deepspeed", "--hostfile", hostfile, "--launcher", "pdsh", "--force_multi",
+                "--master_addr", "127.0.0.1", "--master_port", str(port), "--venv_script", VENV_BIN / "activate",
+                *train]
+    if launcher == "deepspeed-openmpi":  # no MASTER_* reaches the ranks: mpi4py rendezvous on rank 0
+        return [VENV_BIN / "deepspeed", "--hostfile", hostfile, "--launcher", "openmpi", "--force_multi",
+                "--no_ssh_check", "--master_addr", "127.0.0.1", "--launcher_args",
+                "--allow-run-as-root --oversubscribe -x DS_ACCELERATOR -x GLOO_SOCKET_IFNAME -x TORCH_EXTENSIONS_DIR",
+                *train]
+    return ["mpirun", "-np", "2", "-hostfile", hostfile, "--oversubscribe", "--allow-run-as-root",
+            "--mca", "btl", "self,vader", "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={port}", PY, *train]
+
+
+@pytest.mark.slow
+def test_real_training_through_each_launcher_gives_the_same_weights(tmp_path, digits_betons, loopback_ssh):
+    """train.py itself (demo config, 160 digits, 2 ranks x 16, one epoch = 5 steps) through
+    deepspeed+pdsh over the loopback sshd, deepspeed --launcher openmpi and plain mpirun: each run
+    has both ranks (world size 2 in its log; one rank alone would see other batches and end with
+    other weights), writes one complete checkpoint, and all three end with identical weights."""
+    from dwnet.engine.checkpointing import checkpoint_root, complete_tags
+    from dwnet.engine.export import consolidated_state_dict
+
+    weights = {}
+    for launcher in ("deepspeed-pdsh", "deepspeed-openmpi", "mpirun"):
+        run = tmp_path / launcher
+        run.mkdir()
+        env = _deepspeed_env(run, with_file=True)
+        if launcher == "deepspeed-pdsh":
+            env = loopback_ssh.client_env(env)
+        rc, log = _run(_training_command(launcher, run, digits_betons, free_port()), run, env)
+        assert rc == 0, f"{launcher}:\n{log[-4000:]}"
+        header = (run / "run" / "train.log").read_text()
+        assert "world_size: 2\n" in header, header[:2000]
+        root = checkpoint_root(str(run / "run"))
+        assert complete_tags(root) == ["step_00000005"], os.listdir(root)
+        weights[launcher] = consolidated_state_dict(root, "step_00000005")
+        if launcher == "deepspeed-pdsh":
+            _assert_no_sessions(loopback_ssh)
+    reference = weights.pop("deepspeed-pdsh")
+    for launcher, state in weights.items():
+        assert state.keys() == reference.keys()
+        for name in reference:
+            torch.testing.assert_close(state[name], reference[name], atol=0, rtol=0, msg=f"{launcher}: {name}")
