@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -v --timeout=1500 tests
+	$(PY) -m pytest -v --timeout=1500 --durations=15 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests

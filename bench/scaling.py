@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from common import print_machine, table
+from common import build_engine, print_machine, set_rank_env, table
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
@@ -65,34 +65,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def worker(rank: int, world_size: int, threads: int, port: int, args: argparse.Namespace, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR=args.device, DWNET_NUM_THREADS=str(threads))
-    import deepspeed
-    import timm
-
-    import dwnet  # noqa: F401
-    from dwnet.config import global_batch_size, load_config
+    set_rank_env(rank, world_size, port, DS_ACCELERATOR=args.device, DWNET_NUM_THREADS=str(threads))
     from dwnet.distributed import init_distributed
-    from dwnet.engine.ds_config import build_deepspeed_config
-    from dwnet.engine.optim import build_optimizer, scaled_lrs
 
     init_distributed()
-    cfg = load_config(None, [
-        f"model.name={args.model}", f"engine.precision={args.precision}", f"engine.zero_stage={args.zero_stage}",
-        f"data.batch_size={args.batch}", f"data.image_size={args.image_size}", "log.tensorboard=false",
-        f"checkpoint.dir={os.path.join(os.path.dirname(out), 'run')}"])
-    torch.manual_seed(0)
-    model = timm.create_model(cfg.model.name, pretrained=False, num_classes=cfg.model.num_classes)
-    optimizer = build_optimizer(model, cfg.optim, scaled_lrs(cfg.optim, global_batch_size(cfg, world_size)))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
-                                           config=build_deepspeed_config(cfg, world_size))
+    engine, num_classes = build_engine(args.model, precision=args.precision, zero_stage=args.zero_stage,
+                                       batch=args.batch, image_size=args.image_size,
+                                       run_dir=os.path.join(os.path.dirname(out), "run"), world_size=world_size)
     device = engine.device
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     # Synthetic batch, channels_last as the trainer's loaders deliver it.
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, cfg.model.num_classes, (args.batch,), device=device)
+    y = torch.randint(0, num_classes, (args.batch,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     phases: dict[str, list[float]] = {"step_s": [], "forward_s": [], "backward_s": [], "optimizer_s": []}
     for step in range(args.warmup + args.steps):

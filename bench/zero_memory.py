@@ -31,7 +31,7 @@ import re
 import sys
 import tempfile
 
-from common import print_machine, table
+from common import build_engine, print_machine, set_rank_env, table
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
@@ -130,39 +130,24 @@ def measure(engine, stage: int) -> tuple[dict[str, int], list]:
 
 
 def worker(rank: int, world_size: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu", DWNET_NUM_THREADS="1")
-    import deepspeed
-    import timm
-
-    import dwnet  # noqa: F401
-    from dwnet.config import global_batch_size, load_config
+    set_rank_env(rank, world_size, port, DS_ACCELERATOR="cpu", DWNET_NUM_THREADS="1")
     from dwnet.distributed import init_distributed
-    from dwnet.engine.ds_config import build_deepspeed_config
-    from dwnet.engine.optim import build_optimizer, scaled_lrs
 
     init_distributed()
     results, details = {}, {}
     for stage in args.stages:
-        cfg = load_config(None, [
-            f"model.name={args.model}", "engine.precision=fp32", f"engine.zero_stage={stage}",
-            f"data.batch_size={args.batch}", f"data.image_size={args.image_size}", "log.tensorboard=false",
-            f"checkpoint.dir={os.path.join(out_dir, 'run')}"])
-        torch.manual_seed(0)
-        model = timm.create_model(cfg.model.name, pretrained=False, num_classes=cfg.model.num_classes)
-        optimizer = build_optimizer(model, cfg.optim, scaled_lrs(cfg.optim, global_batch_size(cfg, world_size)))
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
-                                               config=build_deepspeed_config(cfg, world_size))
+        engine, num_classes = build_engine(args.model, precision="fp32", zero_stage=stage, batch=args.batch,
+                                           image_size=args.image_size, run_dir=os.path.join(out_dir, "run"),
+                                           world_size=world_size)
         x = torch.randn(args.batch, 3, args.image_size, args.image_size)
-        y = torch.randint(0, cfg.model.num_classes, (args.batch,))
+        y = torch.randint(0, num_classes, (args.batch,))
         for step in range(2):  # full step: optimizer states exist; then fwd+bwd: gradients are held
             engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
             if step == 0:
                 engine.step()
         results[stage], details[stage] = measure(engine, stage)
         engine.step()
-        del engine, model, optimizer
+        del engine
         gc.collect()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump({"bytes": results, "detail": details}, fh)
