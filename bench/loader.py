@@ -15,6 +15,8 @@ that ship with scikit-image and scikit-learn, written as JPEG quality 90 under 1
 then converted by `python -m data_prep convert` (--max-resolution 500 and, by default, the
 converter's ffcv-imagenet write mode: half the images JPEG quality 90, half raw pixels). The epochs
 alternate between the two loaders and the ratio is the median of per-round ratios. Target: >= 3x.
+Two outputs are timed: the uint8 crops the reader puts on the device, and the normalised float
+batches the trainer consumes (the target is judged on the latter).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from dwnet.config import AugmentConfig, DataConfig  # noqa: E402
 from dwnet.data import build_train_loader  # noqa: E402
 
 TARGET = 3.0
+STAGES = {"uint8": "uint8 crops on the device", "float": "normalised float batches"}
 
 
 def sample_photos() -> list[np.ndarray]:
@@ -72,9 +75,14 @@ def write_tree(root: str, count: int, seed: int = 0) -> None:
         pil.crop((left, top, left + w, top + h)).save(os.path.join(folder, f"{i:06d}.JPEG"), quality=90)
 
 
-def epoch_time(loader, epoch: int) -> tuple[float, int]:
+def epoch_time(loader, epoch: int, stage: str) -> tuple[float, int]:
+    """Seconds and images for one epoch of `stage`: "uint8" = the reader's decoded, cropped and
+    flipped uint8 batches on the device (on a GPU run, normalisation and augmentation then run on
+    the GPU); "float" = the full loader output, normalised float batches."""
+    batches = loader.epoch(epoch) if stage == "float" else \
+        loader.reader.batches(loader.epoch_indices(epoch), epoch_key=1000 + epoch)
     start, images = time.perf_counter(), 0
-    for x, _ in loader.epoch(epoch):
+    for x, _ in batches:
         images += x.shape[0]
     if x.is_cuda:
         torch.cuda.synchronize()
@@ -119,23 +127,31 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.device}, batch augmentations {'on' if args.batch_augment else 'off'}, "
               f"{args.rounds} alternating epochs per loader after one warm-up epoch each")
         for name, loader in loaders.items():  # warm-up: numba compilation, worker start, page cache
-            epoch_time(loader, 0)
-        times: dict[str, list[float]] = {name: [] for name in loaders}
-        counts: dict[str, int] = {}
+            epoch_time(loader, 0, "float")
+        times: dict[tuple[str, str], list[float]] = {}
+        counts: dict[tuple[str, str], int] = {}
         for round_ in range(1, args.rounds + 1):
-            order = list(loaders) if round_ % 2 else list(reversed(loaders))
-            for name in order:
-                seconds, counts[name] = epoch_time(loaders[name], round_)
-                times[name].append(seconds)
+            for stage in STAGES:
+                order = list(loaders) if round_ % 2 else list(reversed(loaders))
+                for name in order:
+                    seconds, counts[name, stage] = epoch_time(loaders[name], round_, stage)
+                    times.setdefault((name, stage), []).append(seconds)
 
-    rows = [[name, f"{counts[name] / median(t):.0f}", f"{median(t):.2f}"] for name, t in times.items()]
+    rows = [[name, STAGES[stage], f"{counts[name, stage] / median(t):.0f}", f"{median(t):.2f}"]
+            for (name, stage), t in times.items()]
     print()
-    print(table(["train loader", "images/s", "s/epoch (median)"], rows))
-    mid, lo, hi = round_ratios(times["imagefolder+PIL"], times["ffcv"])
+    print(table(["train loader", "output", "images/s", "s/epoch (median)"], rows))
+    ratio_rows, mids = [], {}
+    for stage, what in STAGES.items():
+        mid, lo, hi = round_ratios(times["imagefolder+PIL", stage], times["ffcv", stage])
+        mids[stage] = mid
+        ratio_rows.append([f"ffcv / imagefolder+PIL, {what}", f"{mid:.2f}x", f"{lo:.2f}-{hi:.2f}", f">= {TARGET}",
+                           verdict(mid, TARGET)])
     print()
-    print(table(["ratio (same run, median of per-round ratios)", "ratio", "range", "target", "result"],
-                [["ffcv / imagefolder+PIL images/s", f"{mid:.2f}x", f"{lo:.2f}-{hi:.2f}", f">= {TARGET}",
-                  verdict(mid, TARGET)]]))
+    print(table(["ratio (same run, median of per-round ratios)", "ratio", "range", "target", "result"], ratio_rows))
+    print("(on a CPU-only machine the normalisation runs on the same cores as the decoding, in the training"
+          " process; on a GPU run it happens on the GPU)")
+    mid = mids["float"]
     return 1 if (args.strict and mid < TARGET) else 0
 
 

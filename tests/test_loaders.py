@@ -286,3 +286,18 @@ def test_randaugment_is_per_sample_and_reproducible():
     assert torch.equal(first, again) and torch.equal(batch, image[None].repeat(12, 1, 1, 1))
     distinct = {bytes(first[i].numpy()) for i in range(12)}
     assert len(distinct) > 6  # each image drew its own ops and magnitudes
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_normalize_is_imagenet_mean_std_in_the_requested_layout(channels_last):
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from dwnet.data.augment import normalize
+
+    images = torch.randint(0, 256, (3, 17, 9, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # NHWC storage, as ffcv
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    out = normalize(images, channels_last)
+    assert out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(out, (images.float() / 255 - mean) / std, atol=1e-5, rtol=1e-5)

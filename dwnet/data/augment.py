@@ -16,16 +16,20 @@ from dwnet.config import AugmentConfig
 from .randaugment import BatchRandAugment, timm_hparams
 from .rng import rng_scope
 
-_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) * 255
-_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255
+# (x/255 - mean) / std == x * _SCALE + _SHIFT
+_SCALE = 1 / (torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255)
+_SHIFT = -torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
 
 
 def normalize(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 NCHW (any memory layout) -> float32 (x/255 - mean) / std in the requested layout."""
-    mean, std = _MEAN.to(images.device), _STD.to(images.device)
-    out = (images.float() - mean) / std
+    """uint8 NCHW (any memory layout) -> float32 (x/255 - mean) / std in the requested layout.
+
+    One fused pass (uint8 read, multiply-add, float write straight into the target layout) instead
+    of convert, subtract, divide and re-layout: on a CPU-only run this is the loader's main-thread
+    cost, and a GPU does it in a quarter of the memory traffic."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    return out.contiguous(memory_format=layout)
+    out = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=layout)
+    return torch.addcmul(_SHIFT.to(images.device), images, _SCALE.to(images.device), out=out)
 
 
 class BatchAugment:
