@@ -16,12 +16,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from dwnet.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "ds_configs/demo_cpu.yaml"
@@ -56,12 +57,6 @@ def write_digits_tree(out: str, size: int = 32, val_fraction: float = 0.2, seed:
 def run(cmd: list[str], **kwargs) -> None:
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, **kwargs)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def prepare_data(python: str) -> None:

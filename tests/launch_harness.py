@@ -18,13 +18,14 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+
+from dwnet.distributed import free_port  # noqa: F401  (re-exported for the launch tests)
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
@@ -52,12 +53,6 @@ def extensions_dir() -> str:
     each time the other one used it."""
     tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]
     return os.path.expanduser(f"~/.cache/torch_extensions/dwnet-tests-{tag}")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

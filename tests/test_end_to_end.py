@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dwnet.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TORCHRUN = str(Path(PY).parent / "torchrun")
@@ -21,14 +22,10 @@ CONFIG = "ds_configs/demo_cpu.yaml"
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def digits_betons(tmp_path_factory) -> Path:
+def demo_betons(tmp_path_factory) -> Path:
+    """The demo's data (all 1,797 digits, stratified 80/20) converted by data_prep; larger than
+    conftest's digits_betons so that a run spans several checkpoints."""
     from dwnet.demo import write_digits_tree
 
     root = tmp_path_factory.mktemp("digits")
@@ -68,11 +65,11 @@ def export(run_dir: Path, out: Path, betons: Path) -> dict:
     return torch.load(out, weights_only=True)["model"]
 
 
-def test_sigkill_and_relaunch_ends_with_the_same_weights(digits_betons, tmp_path):
+def test_sigkill_and_relaunch_ends_with_the_same_weights(demo_betons, tmp_path):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    wait(launch(digits_betons, reference_dir, tmp_path / "reference.log"), 600, tmp_path / "reference.log")
+    wait(launch(demo_betons, reference_dir, tmp_path / "reference.log"), 600, tmp_path / "reference.log")
 
-    proc = launch(digits_betons, killed_dir, tmp_path / "killed.log")
+    proc = launch(demo_betons, killed_dir, tmp_path / "killed.log")
     marker = killed_dir / "checkpoints" / "step_00000030" / "COMPLETE"  # mid epoch 1 (22 steps per epoch)
     deadline = time.time() + 600
     try:
@@ -85,11 +82,11 @@ def test_sigkill_and_relaunch_ends_with_the_same_weights(digits_betons, tmp_path
         proc.wait()
     assert not (killed_dir / "checkpoints" / "step_00000044").exists()
 
-    wait(launch(digits_betons, killed_dir, tmp_path / "resumed.log"), 600, tmp_path / "resumed.log")
+    wait(launch(demo_betons, killed_dir, tmp_path / "resumed.log"), 600, tmp_path / "resumed.log")
     assert "resumed from step_000000" in (tmp_path / "resumed.log").read_text()
 
-    expected = export(reference_dir, tmp_path / "reference.pth", digits_betons)
-    got = export(killed_dir, tmp_path / "resumed.pth", digits_betons)
+    expected = export(reference_dir, tmp_path / "reference.pth", demo_betons)
+    got = export(killed_dir, tmp_path / "resumed.pth", demo_betons)
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=0, rtol=0, msg=name)
@@ -98,18 +95,18 @@ def test_sigkill_and_relaunch_ends_with_the_same_weights(digits_betons, tmp_path
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]  # each epoch recorded once
 
 
-def test_eval_of_exported_checkpoint_counts_every_image_once(digits_betons, tmp_path):
+def test_eval_of_exported_checkpoint_counts_every_image_once(demo_betons, tmp_path):
     run_dir = tmp_path / "run"
     log = tmp_path / "run.log"
     cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "train.py", "--config", CONFIG, *opts(digits_betons, run_dir, "optim.epochs=1", "optim.warmup_epochs=0")]
+           "train.py", "--config", CONFIG, *opts(demo_betons, run_dir, "optim.epochs=1", "optim.warmup_epochs=0")]
     wait(subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), stdout=open(log, "w"),
                           stderr=subprocess.STDOUT, start_new_session=True), 600, log)
-    exported = export(run_dir, tmp_path / "model.pth", digits_betons)
+    exported = export(run_dir, tmp_path / "model.pth", demo_betons)
     assert exported["head.weight"].shape == (10, 256)
     cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "train.py", "--config", CONFIG, "--eval", "--resume", str(tmp_path / "model.pth"),
-           *opts(digits_betons, run_dir)]
+           *opts(demo_betons, run_dir)]
     out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
                          timeout=600, start_new_session=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 
 import pytest
@@ -19,18 +18,13 @@ import engine_worker  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
 from dwnet.config import RunConfig  # noqa: E402
+from dwnet.distributed import free_port  # noqa: E402
 from dwnet.engine import Trainer, TrainingDiverged  # noqa: E402
 from dwnet.engine import checkpointing  # noqa: E402
 from dwnet.engine.export import export_official  # noqa: E402
 from dwnet.engine.metrics import evaluate  # noqa: E402
 from dwnet.engine.optim import build_scheduler, param_groups, scaled_lrs  # noqa: E402
 from dwnet.models import DWNet  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_trainer(run_dir, *overrides, batch_size=16, poison=None, model_factory=None, n=256) -> Trainer:
