@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .convert import ConvertError, WriteOptions, write_beton
 from .report import SplitSummary, summary_lines, write_report
-from .scan import Problem, ScanError, SplitTree, check_files, round_robin, scan_tree
+from .scan import Problem, ScanError, SplitTree, check_files, class_index, round_robin, scan_tree
 
 SPLITS = ("train", "val")
 
@@ -78,11 +78,11 @@ def _labels(request: ConvertRequest) -> dict[str, int]:
         with open(labels_path) as fh:
             existing = json.load(fh)
     if "train" in request.splits:
-        class_to_idx = _class_index(request.splits["train"])
+        class_to_idx = class_index(request.splits["train"])
     elif existing is not None:
         class_to_idx = existing
     else:
-        class_to_idx = _class_index(request.splits["val"])
+        class_to_idx = class_index(request.splits["val"])
         print(f"note: labels taken from the val tree's own folders; convert train first (or together) "
               f"if val may lack classes, so indices match the train split", flush=True)
     if existing is not None and existing != class_to_idx:
@@ -93,20 +93,6 @@ def _labels(request: ConvertRequest) -> dict[str, int]:
         json.dump(class_to_idx, fh, indent=0)
     os.replace(tmp, labels_path)
     return class_to_idx
-
-
-def _class_index(root: str) -> dict[str, int]:
-    from torchvision.datasets.folder import find_classes
-
-    if not os.path.isdir(root):
-        raise ScanError(f"{root}: no such directory")
-    try:
-        return find_classes(root)[1]
-    except FileNotFoundError:
-        raise ScanError(f"{root}: no class folders found (empty tree); an ImageFolder tree needs "
-                        "<root>/<class>/<image> files") from None
-    except PermissionError:
-        raise ScanError(f"{root}: permission denied; make it readable (chmod a+rx {root})") from None
 
 
 def _convert_split(request: ConvertRequest, split: str, root: str, class_to_idx: dict[str, int]) -> SplitSummary:

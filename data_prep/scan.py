@@ -48,20 +48,26 @@ class SplitTree:
     problems: list[Problem] = field(default_factory=list)
 
 
-def scan_tree(root: str, class_to_idx: dict[str, int] | None = None) -> SplitTree:
-    """Lists the class folders and candidate images under `root`. With `class_to_idx` (the train
-    split's labels) the folders must be a subset of those classes (a val split may lack some)."""
+def class_index(root: str) -> dict[str, int]:
+    """torchvision ImageFolder's class name -> label for the tree at `root`; ScanError if none."""
     if not os.path.isdir(root):
         raise ScanError(f"{root}: no such directory; point --root/--train-root/--val-root at an "
                         "ImageFolder tree (<root>/<class>/<image>)")
     try:
-        classes, own_index = find_classes(root)
+        return find_classes(root)[1]
     except FileNotFoundError:
         raise ScanError(f"{root}: no class folders found (empty tree); an ImageFolder tree needs "
                         "<root>/<class>/<image> files") from None
     except PermissionError:
         raise ScanError(f"{root}: permission denied; make the directory readable "
                         f"(chmod a+rx {root})") from None
+
+
+def scan_tree(root: str, class_to_idx: dict[str, int] | None = None) -> SplitTree:
+    """Lists the class folders and candidate images under `root`. With `class_to_idx` (the train
+    split's labels) the folders must be a subset of those classes (a val split may lack some)."""
+    own_index = class_index(root)
+    classes = list(own_index)
     if class_to_idx is None:
         class_to_idx = own_index
     else:
