@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,21 +89,20 @@ def evaluate(cfg, args: argparse.Namespace, env, device) -> int:
     from dwnet.data import build_val_loader
     from dwnet.engine import build_model
     from dwnet.engine.checkpointing import checkpoint_root
-    from dwnet.engine.export import export_official, resolve_tag
+    from dwnet.engine.export import consolidated_state_dict, resolve_tag
     from dwnet.engine.metrics import evaluate as run_eval
-    from dwnet.models import load_checkpoint
+    from dwnet.models import load_checkpoint, load_state_dict_checked
 
     if not cfg.data.val_path:
         raise SystemExit("data.val_path is empty; set it to the val .beton (--opts data.val_path=...)")
     source = args.resume or cfg.checkpoint.dir
     cfg.model.pretrained = None
     model = build_model(cfg)
-    if os.path.isdir(source):  # a run directory: consolidate its checkpoint first
-        tag = resolve_tag(source, args.checkpoint_tag)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = export_official(checkpoint_root(source), tag, os.path.join(tmp, "weights.pth"))
-            load_checkpoint(model, path, strict=True)
-        source = f"{source} [{tag}]"
+    if os.path.isdir(source):  # a run directory: the same consolidated fp32 weights --export writes
+        run_dir = source
+        tag = resolve_tag(run_dir, args.checkpoint_tag)
+        source = f"{run_dir} [{tag}]"
+        load_state_dict_checked(model, consolidated_state_dict(checkpoint_root(run_dir), tag), source, strict=True)
     else:
         load_checkpoint(model, source, strict=True)
     model = model.to(device).eval()

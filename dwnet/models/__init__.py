@@ -1,5 +1,5 @@
 """DWNet models, registered in timm's registry on import (`timm.create_model('dwnet_tiny')`)."""
-from .checkpoint import CheckpointMismatchError, load_checkpoint, read_state_dict
+from .checkpoint import CheckpointMismatchError, load_checkpoint, load_state_dict_checked, read_state_dict
 from .dwnet import DWNet, DWNetBlock, DWNetStage, DepthwiseConvMixer, checkpoint_filter_fn
 from .flops import count_macs, count_parameters
 from .fusion import fuse_batchnorm
@@ -9,7 +9,7 @@ PUBLISHED_MODELS = ("dwnet_tiny", "dynamic_dwnet_tiny", "dwnet_base", "dynamic_d
 
 __all__ = [
     "DWNet", "DWNetBlock", "DWNetStage", "DepthwiseConvMixer", "BatchNormFP32", "DynamicDepthwiseConv2d",
-    "CheckpointMismatchError", "load_checkpoint", "read_state_dict", "checkpoint_filter_fn",
+    "CheckpointMismatchError", "load_checkpoint", "load_state_dict_checked", "read_state_dict", "checkpoint_filter_fn",
     "count_macs", "count_parameters", "fuse_batchnorm", "create_model", "PUBLISHED_MODELS",
 ]
 

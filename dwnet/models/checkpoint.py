@@ -39,7 +39,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     With strict=True a mismatch raises CheckpointMismatchError naming the missing, unexpected and
     wrongly-shaped keys, which usually means the wrong model name or number of classes.
     """
-    state_dict = read_state_dict(path)
+    return load_state_dict_checked(model, read_state_dict(path), str(path), strict)
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                            strict: bool = True) -> nn.Module:
+    """`model.load_state_dict` with load_checkpoint's one-line error; `source` names where the
+    weights came from in that error."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -54,7 +60,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         if wrong_shape:
             parts.append(f"shape mismatch: {_preview(wrong_shape, 3)}")
         raise CheckpointMismatchError(
-            f"{path}: does not fit {type(model).__name__} ({'; '.join(parts)}); check the model name, "
+            f"{source}: does not fit {type(model).__name__} ({'; '.join(parts)}); check the model name, "
             "dynamic vs static and num_classes (use strict=False to load a backbone for fine-tuning)")
     model.load_state_dict(state_dict, strict=strict)
     return model
