@@ -21,7 +21,7 @@ from dwnet.config import RunConfig  # noqa: E402
 from dwnet.distributed import free_port  # noqa: E402
 from dwnet.engine import Trainer, TrainingDiverged  # noqa: E402
 from dwnet.engine import checkpointing  # noqa: E402
-from dwnet.engine.export import export_official  # noqa: E402
+from dwnet.engine.export import export_official, read_client_state  # noqa: E402
 from dwnet.engine.metrics import evaluate  # noqa: E402
 from dwnet.engine.optim import build_scheduler, param_groups, scaled_lrs  # noqa: E402
 from dwnet.models import DWNet  # noqa: E402
@@ -192,6 +192,38 @@ def test_bf16_instability_rolls_back_and_continues_in_fp32(tmp_path, process_gro
     assert checkpointing.read_meta(root, checkpointing.newest_complete_tag(root))["precision"] == "fp32"
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[-1].split(",")[2] == "fp32"
+
+
+def test_rollback_restores_the_checkpoint_ema_with_the_weights(tmp_path, process_group):
+    """fp32 rollback (no precision switch): steps applied after the checkpoint are replayed, so the
+    EMA must go back with the weights or it would average them in twice."""
+    seen: set = set()
+
+    def nan_on_some_batches(epoch, batch, images):  # skips at steps 9, 11, 13; 10 and 12 are applied
+        if epoch == 0 and batch in (8, 10, 12) and batch not in seen:
+            seen.add(batch)
+            return nan_batch(images)
+        return images
+
+    trainer = make_trainer(tmp_path, "engine.ema=true", "engine.ema_decay=0.9", "checkpoint.every_steps=8",
+                           "engine.nonfinite_max_skips=3", "engine.nonfinite_window=10", poison=nan_on_some_batches)
+    root = checkpointing.checkpoint_root(str(tmp_path))
+    recover, restored = trainer._recover_from_divergence, {}
+
+    def recover_and_record() -> None:
+        restored["tag"] = checkpointing.newest_complete_tag(root)
+        restored["saved_ema"] = read_client_state(root, restored["tag"])["ema"]
+        restored["ema_before"] = {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}
+        recover()
+        restored["ema_after"] = {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}
+
+    trainer._recover_from_divergence = recover_and_record
+    trainer.fit()
+    assert restored["tag"] == "step_00000008" and trainer.progress.fallbacks == 1
+    saved_ema = restored["saved_ema"]
+    assert any(not torch.equal(restored["ema_before"][k], saved_ema[k]) for k in saved_ema)  # EMA had moved on
+    for name, value in saved_ema.items():
+        torch.testing.assert_close(restored["ema_after"][name], value, atol=0, rtol=0, msg=name)
 
 
 def test_persistent_non_finite_steps_stop_the_run_with_a_clear_message(tmp_path, process_group):

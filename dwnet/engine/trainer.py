@@ -171,13 +171,17 @@ class Trainer:
         return tag
 
     def _resume(self, tag: str) -> None:
+        self._restore(tag)
+        self.log.info("resumed from %s: epoch %d, batch %d, step %d, precision %s", tag,
+                      self.progress.epoch, self.progress.batch_in_epoch, self.progress.step, self.progress.precision)
+
+    def _restore(self, tag: str) -> None:
+        """Engine, optimizer, RNG, progress, EMA and LR schedule as saved in `tag`."""
         client = checkpointing.load(self.engine, self.run_dir, tag)
         self.progress = Progress(**client["progress"])
         if self.ema is not None and client.get("ema") is not None:
             self.ema.module.load_state_dict(client["ema"])
         self.scheduler.step_update(self.progress.step)
-        self.log.info("resumed from %s: epoch %d, batch %d, step %d, precision %s", tag,
-                      self.progress.epoch, self.progress.batch_in_epoch, self.progress.step, self.progress.precision)
 
     # ---- training -------------------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -352,8 +356,7 @@ class Trainer:
             if self.ema is not None and saved.get("ema") is not None:
                 self.ema.module.load_state_dict(saved["ema"])
         else:
-            client = checkpointing.load(self.engine, self.run_dir, tag)
-            self.progress = Progress(**client["progress"])
+            self._restore(tag)
         self.progress.fallbacks += 1
         self.progress.history.append({"step": self.progress.step, "from": old_precision, "to": new_precision})
         self.scheduler.step_update(self.progress.step)
