@@ -255,8 +255,9 @@ def describe_schema() -> str:
     """Markdown table of every key, its default and its meaning (rendered into the README)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for section in dataclasses.fields(RunConfig):
-        for f in dataclasses.fields(section.default_factory()):
-            default = getattr(section.default_factory(), f.name)
+        defaults = section.default_factory()
+        for f in dataclasses.fields(defaults):
+            default = getattr(defaults, f.name)
             shown = "null" if default is None else (f'"{default}"' if isinstance(default, str) else default)
             if isinstance(default, tuple):
                 shown = "[" + ", ".join(f"{x:g}" for x in default) + "]"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ("torch", "deepspeed", "timm", "ffcv")
+PACKAGES = ("torch", "torchvision", "deepspeed", "timm", "ffcv", "numpy")  # compared across ranks, logged
 
 
 class PreflightError(RuntimeError):
@@ -103,6 +103,8 @@ def _dwnet_version() -> str:
 
 
 def package_versions() -> dict[str, str]:
+    """Python, PACKAGES and dwnet (version + source hash): what train.log records and what the
+    preflight requires to be identical on every rank."""
     versions = {"python": sys.version.split()[0]}
     for name in PACKAGES:
         try:

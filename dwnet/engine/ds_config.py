@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from dwnet.config import ConfigError, RunConfig
+from dwnet.config import ConfigError, RunConfig, global_batch_size
 
 # Keys that the run config owns; a user DeepSpeed file may not contradict them silently.
 _OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -37,7 +37,7 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int, precision: str | Non
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.accumulation_steps,
-        "train_batch_size": cfg.data.batch_size * cfg.optim.accumulation_steps * world_size,
+        "train_batch_size": global_batch_size(cfg, world_size),
         # Written explicitly: DeepSpeed's default changed over releases; the recipe clips at 5.0.
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.engine.zero_stage},

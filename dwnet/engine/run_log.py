@@ -8,26 +8,16 @@ import logging
 import os
 import platform
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
 import yaml
 
 from dwnet.config import RunConfig
+from dwnet.preflight import package_versions
 
 CSV_FIELDS = ["epoch", "step", "precision", "lr", "train_loss", "val_top1", "val_top5", "val_loss",
               "ema_top1", "ema_top5", "skipped_steps", "images_per_s", "epoch_seconds"]
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "torchvision", "deepspeed", "timm", "ffcv", "numpy", "dwnet-ds"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 class RunLog:
