@@ -160,6 +160,19 @@ def test_strict_exits_nonzero_without_writing(bad_tree, tmp_path, capsys):
     assert "--strict" in one_line_error(capsys)
 
 
+def _without_permission_override() -> list[str]:
+    """Command prefix under which chmod 000 really locks a folder. Root bypasses file permissions
+    through CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH; setpriv drops both for the child, so a root test
+    run (CI) sees the same PermissionError a user's conversion would. [] when not root."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root without setpriv (util-linux): cannot make a folder unreadable")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}"]
+
+
 def test_unreadable_folder_is_reported(tmp_path):
     root = tmp_path / "train"
     write_digits_tree(root, 0, 20)
@@ -168,14 +181,13 @@ def test_unreadable_folder_is_reported(tmp_path):
     next(digit_images(0, 1))[2].save(locked / "hidden.jpg")
     locked.chmod(0)
     try:
-        try:
-            os.listdir(locked)
-            pytest.skip("running with privileges that ignore chmod 000 (root): cannot make a folder unreadable")
-        except PermissionError:
-            pass
-        assert main(["convert", "--train-root", str(root), "--out", str(tmp_path / "out"), "--num-workers", "1"]) == 0
+        out = subprocess.run([*_without_permission_override(), sys.executable, "-m", "data_prep", "convert",
+                              "--train-root", str(root), "--out", str(tmp_path / "out"), "--num-workers", "1"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
         assert read_report(tmp_path / "out" / "skipped_train.tsv") == {"locked": "unreadable-folder"}
         assert len(beton_contents(tmp_path / "out" / "train.beton")[0]) == 20
+        assert "unreadable-folder" in out.stdout  # the summary names the reason too
     finally:
         locked.chmod(0o755)
 

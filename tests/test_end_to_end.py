@@ -30,10 +30,16 @@ def demo_betons(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("digits")
     write_digits_tree(str(root / "tree"))
-    subprocess.run([PY, "-m", "data_prep", "convert", "--train-root", str(root / "tree/train"),
-                    "--val-root", str(root / "tree/val"), "--out", str(root / "beton"), "--max-resolution", "32",
-                    "--num-workers", "2"], check=True, cwd=REPO, capture_output=True)
+    run_checked([PY, "-m", "data_prep", "convert", "--train-root", str(root / "tree/train"),
+                 "--val-root", str(root / "tree/val"), "--out", str(root / "beton"), "--max-resolution", "32",
+                 "--num-workers", "2"])
     return root / "beton"
+
+
+def run_checked(cmd: list[str]) -> None:
+    """Runs a CLI step; on failure the assertion shows its own output, not just an exit status."""
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{cmd[1:4]} exited {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
 
 
 def opts(betons: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -60,8 +66,8 @@ def wait(proc: subprocess.Popen, timeout: float, log: Path) -> None:
 
 
 def export(run_dir: Path, out: Path, betons: Path) -> dict:
-    subprocess.run([PY, "train.py", "--config", CONFIG, "--export", str(out), "--checkpoint-tag", "latest",
-                    *opts(betons, run_dir)], check=True, cwd=REPO, capture_output=True)
+    run_checked([PY, "train.py", "--config", CONFIG, "--export", str(out), "--checkpoint-tag", "latest",
+                 *opts(betons, run_dir)])
     return torch.load(out, weights_only=True)["model"]
 
 

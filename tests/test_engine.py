@@ -309,3 +309,32 @@ def test_ema_is_evaluated_saved_and_restored(tmp_path, process_group):
                            "engine.zero_stage=2", "optim.epochs=2")
     for a, b in zip(trainer.ema.module.state_dict().values(), resumed.ema.module.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_throughput_runs_warmup_plus_timed_iterations_per_mode_and_leaves_the_model_clean():
+    from dwnet.engine.throughput import measure_throughput
+
+    model = timm.create_model("dwnet_femto", num_classes=10)
+    calls = {"n": 0}
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    results = measure_throughput(model, batch=2, image_size=32, device=torch.device("cpu"), warmup=2, iters=3)
+    assert set(results) == {"inference", "inference_fused", "train"}
+    assert all(v > 0 and math.isfinite(v) for v in results.values())
+    # inference, fused inference (the deep copy keeps the hook) and train: warm-up + timed calls each
+    assert calls["n"] == 3 * (2 + 3)
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_train_py_throughput_mode_prints_images_per_second():
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "train.py", "--config", "ds_configs/demo_cpu.yaml", "--throughput",
+                          "--opts", "data.batch_size=4", "data.image_size=32"],
+                         cwd=repo, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "dwnet_nano @ 32px, batch 4, fp32" in out.stdout
+    line = [line for line in out.stdout.splitlines() if line.startswith('{"throughput"')][-1]
+    assert all(v > 0 for v in json.loads(line)["throughput"].values())
