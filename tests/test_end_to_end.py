@@ -1,5 +1,6 @@
-"""The real job on real images: data_prep -> .beton -> train.py on 2 ranks -> SIGKILL -> resume
--> the same weights as an uninterrupted run; eval and export through train.py."""
+"""The real job on real images: data_prep -> .beton -> train.py on 2 ranks -> SIGKILL of one rank
+-> every rank exits -> relaunch resumes -> the same weights as an uninterrupted run; eval and
+export through train.py."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -71,7 +73,18 @@ def export(run_dir: Path, out: Path, betons: Path) -> dict:
     return torch.load(out, weights_only=True)["model"]
 
 
-def test_sigkill_and_relaunch_ends_with_the_same_weights(demo_betons, tmp_path):
+def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    """The training process the launcher started for `rank` (found by its RANK variable)."""
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "train.py" in " ".join(child.cmdline()):
+                return child
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    raise AssertionError(f"no rank {rank} under launcher pid {launcher.pid}")
+
+
+def test_killed_rank_ends_the_run_and_relaunch_ends_with_the_same_weights(demo_betons, tmp_path):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     wait(launch(demo_betons, reference_dir, tmp_path / "reference.log"), 600, tmp_path / "reference.log")
 
@@ -83,9 +96,15 @@ def test_sigkill_and_relaunch_ends_with_the_same_weights(demo_betons, tmp_path):
             assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             assert time.time() < deadline, "no checkpoint at step 30 in time"
             time.sleep(0.2)
+        ranks = [rank_process(proc, 0), rank_process(proc, 1)]
+        ranks[1].kill()  # SIGKILL one rank, no goodbye: the other must not hang in a collective
+        assert proc.wait(timeout=120) != 0, "the launcher reported success after losing a rank"
+        gone, alive = psutil.wait_procs(ranks, timeout=30)
+        assert not alive, f"ranks still running after the launcher exited: {[p.pid for p in alive]}"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, no goodbye
-        proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert not (killed_dir / "checkpoints" / "step_00000044").exists()
 
     wait(launch(demo_betons, killed_dir, tmp_path / "resumed.log"), 600, tmp_path / "resumed.log")
