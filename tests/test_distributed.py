@@ -499,6 +499,9 @@ def _training_command(launcher: str, run: Path, betons: Path, port: int) -> list
                 "--no_ssh_check", "--master_addr", "127.0.0.1", "--launcher_args",
                 "--allow-run-as-root --oversubscribe -x DS_ACCELERATOR -x GLOO_SOCKET_IFNAME -x TORCH_EXTENSIONS_DIR",
                 *train]
+    if launcher == "torchrun":
+        return [VENV_BIN / "torchrun", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port), *train]
     return ["mpirun", "-np", "2", "-hostfile", hostfile, "--oversubscribe", "--allow-run-as-root",
             "--mca", "btl", "self,vader", "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={port}", PY, *train]
 
@@ -506,14 +509,14 @@ def _training_command(launcher: str, run: Path, betons: Path, port: int) -> list
 @pytest.mark.slow
 def test_real_training_through_each_launcher_gives_the_same_weights(tmp_path, digits_betons, loopback_ssh):
     """train.py itself (demo config, 160 digits, 2 ranks x 16, one epoch = 5 steps) through
-    deepspeed+pdsh over the loopback sshd, deepspeed --launcher openmpi and plain mpirun: each run
+    deepspeed+pdsh over the loopback sshd, deepspeed --launcher openmpi, plain mpirun and torchrun: each run
     has both ranks (world size 2 in its log; one rank alone would see other batches and end with
-    other weights), writes one complete checkpoint, and all three end with identical weights."""
+    other weights), writes one complete checkpoint, and all four end with identical weights."""
     from dwnet.engine.checkpointing import checkpoint_root, complete_tags
     from dwnet.engine.export import consolidated_state_dict
 
     weights = {}
-    for launcher in ("deepspeed-pdsh", "deepspeed-openmpi", "mpirun"):
+    for launcher in ("deepspeed-pdsh", "deepspeed-openmpi", "mpirun", "torchrun"):
         run = tmp_path / launcher
         run.mkdir()
         env = _deepspeed_env(run, with_file=True)
