@@ -17,6 +17,7 @@ import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 
+from dwnet.atomic_io import install
 from dwnet.data.image_io import ImageReadError, load_rgb
 
 
@@ -172,7 +173,7 @@ def write_beton(final_path: str, samples: list[tuple[str, int]], sizes: list[tup
         late = _read_failures(failures)
         if late:
             raise _LateFailures(late)
-        os.replace(tmp, final_path)  # the only step that makes the file visible under its name
+        install(tmp, final_path)  # the only step that makes the file visible under its name (durably)
     except _LateFailures as err:
         _remove(tmp, failures, tmp + ".shm")
         return WriteResult(final_path, 0, time.monotonic() - start, 0, late_failures=err.failures)

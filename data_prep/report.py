@@ -6,6 +6,8 @@ import collections
 import os
 from dataclasses import dataclass, field
 
+from dwnet.atomic_io import atomic_open
+
 from .scan import Problem
 
 
@@ -31,13 +33,11 @@ def write_report(summary: SplitSummary) -> str:
     """Writes skipped_<split>.tsv (path, reason, detail), header included even when empty, so a
     clean run visibly leaves an empty list rather than a stale one."""
     path = summary.report_path
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
+    with atomic_open(path) as fh:
         fh.write("path\treason\tdetail\n")
         for problem in summary.skipped:
             detail = problem.detail.replace("\t", " ").replace("\n", " ")
             fh.write(f"{problem.path}\t{problem.reason}\t{detail}\n")
-    os.replace(tmp, path)
     return path
 
 

@@ -9,6 +9,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from dwnet.atomic_io import atomic_open
+
 from .convert import ConvertError, WriteOptions, write_beton
 from .report import SplitSummary, summary_lines, write_report
 from .scan import Problem, ScanError, SplitTree, check_files, class_index, round_robin, scan_tree
@@ -88,10 +90,8 @@ def _labels(request: ConvertRequest) -> dict[str, int]:
     if existing is not None and existing != class_to_idx:
         raise ConvertError(f"{labels_path} lists a different class set than {request.splits.get('train', '')}; "
                            "use a fresh --out folder or delete the old labels.json and .beton files")
-    tmp = labels_path + ".tmp"
-    with open(tmp, "w") as fh:
+    with atomic_open(labels_path) as fh:
         json.dump(class_to_idx, fh, indent=0)
-    os.replace(tmp, labels_path)
     return class_to_idx
 
 

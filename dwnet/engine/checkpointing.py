@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dwnet.atomic_io import atomic_open, fsync_tree
+
 COMPLETE = "COMPLETE"
 
 
@@ -33,12 +35,8 @@ def tag_for_step(step: int, suffix: str = "") -> str:
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
+    with atomic_open(path) as fh:
         fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def complete_tags(root: str) -> list[str]:
@@ -93,6 +91,9 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep_las
     rank = dist.get_rank() if dist.is_initialized() else 0
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), os.path.join(root, tag, f"rng_rank{rank}.pt"))
+    # COMPLETE must never reach the disk before the data it vouches for (a node losing power
+    # right after a save would otherwise leave a 'complete' tag of empty files).
+    fsync_tree(os.path.join(root, tag))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from dwnet.atomic_io import atomic_open
+
 from . import checkpointing
 
 
@@ -51,9 +53,8 @@ def export_official(root: str, tag: str, out_path: str, extra: dict[str, Any] | 
                "max_accuracy": progress.get("best_top1", -1.0)}
     payload.update(extra or {})
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = f"{out_path}.tmp.{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, out_path)
+    with atomic_open(out_path, "wb") as fh:
+        torch.save(payload, fh)
     return out_path
 
 

@@ -1,5 +1,5 @@
 """What a run leaves behind on rank 0: a text log with the config and environment at the top,
-a per-epoch CSV (appended and fsynced, so a crash never loses a written row), and scalars
+a per-epoch CSV (replaced atomically and fsynced, so a crash never loses a written row), and scalars
 through DeepSpeed's monitor (TensorBoard)."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import yaml
 
+from dwnet.atomic_io import atomic_open
 from dwnet.config import RunConfig
 from dwnet.preflight import package_versions
 
@@ -61,14 +62,18 @@ class RunLog:
             self.monitor.write_events([(name, float(v), step) for name, v in values.items()])
 
     def epoch_row(self, row: dict[str, Any]) -> None:
+        """Records one epoch in metrics.csv. Rows of this epoch or later from before a crash or a
+        rollback are dropped first: their epochs are being trained again, and the CSV describes the
+        run that produced the weights, one row per epoch. Replaced whole (atomic_open), never torn."""
         if self.rank != 0:
             return
         path = os.path.join(self.run_dir, "metrics.csv")
-        new = not os.path.isfile(path)
-        with open(path, "a", newline="") as fh:
+        kept = []
+        if os.path.isfile(path):
+            with open(path, newline="") as fh:
+                kept = [r for r in csv.DictReader(fh) if int(r["epoch"]) < int(row["epoch"])]
+        with atomic_open(path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
+            writer.writeheader()
+            writer.writerows(kept)
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-            fh.flush()
-            os.fsync(fh.fileno())
