@@ -94,10 +94,10 @@ class _CropResizeDecoder(ResizedCropRGBImageDecoder):
                 out = destination[dst_ix]
                 ctypes_resize(0, temp_buffer.ctypes.data, temp_buffer.shape[0], temp_buffer.shape[1],
                               top, top + h, left, left + w, out.ctypes.data, out.shape[0], out.shape[1])
-                if flip:
+                if flip:  # in place, row by row (each row is contiguous in the HWC output)
                     last = out.shape[1] - 1
-                    for x in range(out.shape[1] // 2):
-                        for y in range(out.shape[0]):
+                    for y in range(out.shape[0]):
+                        for x in range(out.shape[1] // 2):
                             for c in range(3):
                                 tmp = out[y, x, c]
                                 out[y, x, c] = out[y, last - x, c]

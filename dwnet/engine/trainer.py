@@ -214,8 +214,10 @@ class Trainer:
         self.engine.train()
         bar = tqdm(total=usable_batches, initial=start, desc=f"epoch {p.epoch}", disable=self.rank != 0 or not cfg.log.progress,
                    dynamic_ncols=True, leave=False)
+        # Device-side sums: reading a loss back every step would stall the GPU's queue of work.
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        loss_count = 0
+        loss_count = torch.zeros((), dtype=torch.float64, device=self.device)
+        batches_seen = 0
         t_epoch = t_log = time.perf_counter()
         data_time = 0.0
         images_since_log = 0
@@ -228,9 +230,10 @@ class Trainer:
             loss = self.loss_fn(logits, targets)
             self.engine.backward(loss)
             self.engine.step()
-            if torch.isfinite(loss):
-                loss_sum += loss.detach().double()
-                loss_count += 1
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach().double(), 0.0)
+            loss_count += finite
+            batches_seen += 1
             images_since_log += images.shape[0]
             bar.update(1)
             if (batch_idx + 1) % accum:
@@ -268,14 +271,14 @@ class Trainer:
                 self.save()
             t_data = time.perf_counter()
         bar.close()
-        if loss_count == 0 and p.batch_in_epoch < usable_batches:
+        if batches_seen == 0 and start < usable_batches:
             raise RuntimeError(f"epoch {p.epoch}: the train loader yielded no batches")
         if dist.is_initialized():
-            packed = torch.stack([loss_sum, torch.tensor(float(loss_count), dtype=torch.float64, device=self.device)])
+            packed = torch.stack([loss_sum, loss_count])
             dist.all_reduce(packed)
-            loss_sum, loss_count = packed[0], int(packed[1].item())
+            loss_sum, loss_count = packed[0], packed[1]
         seconds = time.perf_counter() - t_epoch
-        return {"train_loss": loss_sum.item() / max(loss_count, 1), "epoch_seconds": seconds,
+        return {"train_loss": loss_sum.item() / max(loss_count.item(), 1), "epoch_seconds": seconds,
                 "images_per_s": (usable_batches - start) * cfg.data.batch_size * self.world_size / max(seconds, 1e-9)}
 
     def _memory_scalars(self) -> dict[str, float]:
