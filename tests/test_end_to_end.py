@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dwnet.distributed import free_port
+from launch_harness import clean_env  # the test process's own RANK/MASTER_* must not leak in
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -53,7 +54,7 @@ def opts(betons: Path, run_dir: Path, *extra: str) -> list[str]:
 def launch(betons: Path, run_dir: Path, log: Path) -> subprocess.Popen:
     cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "train.py", "--config", CONFIG, *opts(betons, run_dir)]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = clean_env(OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -125,14 +126,14 @@ def test_eval_of_exported_checkpoint_counts_every_image_once(demo_betons, tmp_pa
     log = tmp_path / "run.log"
     cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "train.py", "--config", CONFIG, *opts(demo_betons, run_dir, "optim.epochs=1", "optim.warmup_epochs=0")]
-    wait(subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), stdout=open(log, "w"),
+    wait(subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=open(log, "w"),
                           stderr=subprocess.STDOUT, start_new_session=True), 600, log)
     exported = export(run_dir, tmp_path / "model.pth", demo_betons)
     assert exported["head.weight"].shape == (10, 256)
     cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "train.py", "--config", CONFIG, "--eval", "--resume", str(tmp_path / "model.pth"),
            *opts(demo_betons, run_dir)]
-    out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
+    out = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True,
                          timeout=600, start_new_session=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads([line for line in out.stdout.splitlines() if line.startswith('{"eval"')][-1])["eval"]

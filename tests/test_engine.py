@@ -15,6 +15,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import engine_worker  # noqa: E402
+from launch_harness import clean_env  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
 from dwnet.config import RunConfig  # noqa: E402
@@ -333,7 +334,8 @@ def test_train_py_throughput_mode_prints_images_per_second():
     out = subprocess.run([sys.executable, "train.py", "--config", "ds_configs/demo_cpu.yaml", "--throughput",
                           "--opts", "data.batch_size=4", "data.image_size=32"],
                          cwd=repo, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+                         # not this process's RANK/MASTER_PORT (process_group fixture): its own world of one
+                         env=clean_env(OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "dwnet_nano @ 32px, batch 4, fp32" in out.stdout
     line = [line for line in out.stdout.splitlines() if line.startswith('{"throughput"')][-1]
