@@ -100,7 +100,7 @@ def test_killed_rank_ends_the_run_and_relaunch_ends_with_the_same_weights(demo_b
         ranks = [rank_process(proc, 0), rank_process(proc, 1)]
         ranks[1].kill()  # SIGKILL one rank, no goodbye: the other must not hang in a collective
         assert proc.wait(timeout=120) != 0, "the launcher reported success after losing a rank"
-        gone, alive = psutil.wait_procs(ranks, timeout=30)
+        _, alive = psutil.wait_procs(ranks, timeout=30)
         assert not alive, f"ranks still running after the launcher exited: {[p.pid for p in alive]}"
     finally:
         if proc.poll() is None:
