@@ -48,12 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         return export(cfg, args)
 
-    from dwnet.distributed import init_distributed
+    from dwnet.distributed import init_distributed, training_device
 
     env = init_distributed()
-    import torch
-
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = training_device()
     if args.throughput:
         return throughput(cfg, device, env.rank)
     if args.eval:

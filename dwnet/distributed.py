@@ -330,6 +330,15 @@ def _uses_cuda() -> bool:
         return True
 
 
+def training_device():
+    """The device this rank computes on: the CUDA device `init_distributed` bound (which is not
+    always cuda:LOCAL_RANK: a launcher may give each rank one visible GPU), or the CPU when DeepSpeed
+    runs on its CPU accelerator."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if _uses_cuda() else torch.device("cpu")
+
+
 def _loopback_iface() -> str | None:
     try:
         import psutil

@@ -3,7 +3,10 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The suite runs DeepSpeed on the CPU even where a GPU is visible (its multi-rank tests put several
+# ranks on one machine); `bench/gpu_check.sh` sets DWNET_GPU_TESTS=1 to run the tests marked `gpu`.
+if os.environ.get("DWNET_GPU_TESTS") != "1":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 DATA_DIR = Path(__file__).parent / "data"
 

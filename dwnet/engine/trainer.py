@@ -23,6 +23,7 @@ from tqdm import tqdm
 import dwnet.models  # noqa: F401  (registers the models)
 from dwnet.config import ConfigError, RunConfig, global_batch_size
 from dwnet.models import load_checkpoint, read_state_dict
+from dwnet.models.sync_batchnorm import convert_sync_batchnorm_fp32
 
 from . import checkpointing
 from .ds_config import build_deepspeed_config
@@ -71,7 +72,7 @@ def build_model(cfg: RunConfig) -> nn.Module:
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.model.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm_fp32(model)
     # model.channels_last is applied to the input batches only: activations follow the input's
     # memory format, while parameters stay contiguous as DeepSpeed's flat buffers require.
     return model
@@ -90,6 +91,9 @@ class Trainer:
         self.world_size = world_size
         self.device = device
         self.run_dir = cfg.checkpoint.dir
+        if device.type == "cuda":
+            # Fixed input size: cuDNN's autotuned conv algorithms pay for the search after a few steps.
+            torch.backends.cudnn.benchmark = True
         self.log = RunLog(self.run_dir, rank)
         if cfg.model.sync_bn and device.type == "cpu":
             raise ConfigError("model.sync_bn=true needs CUDA devices (torch SyncBatchNorm has no CPU kernel); "

@@ -1,0 +1,333 @@
+#!/usr/bin/env python
+"""Training speed through the real engine: DWNet vs ConvNeXt-T and Swin-T, one process, one device.
+
+    python bench/gpu_train.py --data /tmp/photos --out gpu_train.json            # GPU defaults
+    python bench/gpu_train.py --data /tmp/tiny --device cpu --image-size 32 \\
+        --models dwnet_femto convnext_tiny swin_tiny_patch4_window7_224 --batch 8  # CPU dry run
+
+Each model is built by `dwnet.engine.Trainer` from a run config (AdamW groups, scaled LRs, the
+generated DeepSpeed config at the requested precision and ZeRO stage, the recipe's augmentations
+on the device) and timed twice with the same engine:
+  * loader: batches from the real train loader (decode, crop, RandAugment, erasing, mixup);
+    `data_time_fraction` is the share of the timed wall-clock spent waiting for the next batch;
+  * engine: the same step on batches already on the device, the model's own ceiling.
+MFU = forward FLOPs per image (2 per multiply-add, `torch.utils.flop_counter`) x 3 (forward +
+backward) x images/s / the device's dense peak (datasheet for known GPUs; the matmul measured in
+this run is reported beside it). Ratios compare models measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+from common import machine_info, synchronize, table
+
+import torch  # noqa: E402
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), FLOP/s.
+DATASHEET_BF16_PEAK = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12}
+DWNET, CONVNEXT, SWIN = "dwnet_tiny", "convnext_tiny", "swin_tiny_patch4_window7_224"
+# (numerator, denominator, target) on engine images/s, from the issue's targets.
+TARGETS = [(DWNET, SWIN, 1.3), (DWNET, CONVNEXT, 1.0)]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="ImageFolder tree (imagefolder backend) or train .beton (ffcv)")
+    p.add_argument("--backend", choices=("imagefolder", "ffcv"), default="imagefolder")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the tree's classes)")
+    p.add_argument("--out", default="gpu_train.json", help="JSON with every figure")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--models", nargs="+", default=[DWNET, CONVNEXT, SWIN])
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=128, help="images per step")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="decode workers")
+    p.add_argument("--warmup", type=int, default=8, help="untimed steps per case (cudnn autotuning, workers)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per case")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps of the first model under the profiler")
+    p.add_argument("--compile", action="store_true", help="also time the first model under torch.compile")
+    p.add_argument("--budget-s", type=float, default=1e9, help="skip remaining cases once this is spent")
+    return p.parse_args(argv)
+
+
+def run_config(args: argparse.Namespace, model: str, run_dir: str, num_classes: int, compile_: bool = False):
+    from dwnet.config import load_config
+
+    return load_config(None, [
+        f"model.name={model}", f"model.num_classes={num_classes}", f"model.compile={str(compile_).lower()}",
+        "model.channels_last=true", f"data.backend={args.backend}", f"data.train_path={args.data}",
+        f"data.image_size={args.image_size}", f"data.batch_size={args.batch}", f"data.num_workers={args.workers}",
+        f"engine.precision={args.precision}", f"engine.zero_stage={args.zero_stage}", "optim.epochs=1000",
+        f"checkpoint.dir={run_dir}", "checkpoint.every_steps=0", "checkpoint.auto_resume=false",
+        "log.tensorboard=false", "log.progress=false"])
+
+
+def model_factory(image_size: int) -> Callable:
+    """The Trainer's default factory, except that Swin needs its input size (and a window that
+    fits it) at construction when it is not the 224 px it was defined for."""
+    from dwnet.engine import build_model
+
+    def build(cfg):
+        if not cfg.model.name.startswith("swin"):
+            return build_model(cfg)
+        import timm
+
+        size_kwargs = {} if image_size == 224 else {"img_size": image_size, "window_size": max(1, min(7, image_size // 8))}
+        model = timm.create_model(cfg.model.name, num_classes=cfg.model.num_classes, **size_kwargs)
+        if cfg.engine.precision == "bf16":
+            # DeepSpeed's bf16 casts parameters, not buffers: Swin's float attention-mask buffer would
+            # promote the bf16 attention scores back to fp32.
+            for buffer in model.buffers():
+                if buffer.is_floating_point():
+                    buffer.data = buffer.data.to(torch.bfloat16)
+        return model
+    return build
+
+
+def forward_flops(model: torch.nn.Module, image_size: int, device: torch.device, dtype: torch.dtype) -> float:
+    """FLOPs (2 per multiply-add) of one forward pass per image, counted at batch 2 in eval mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    x = torch.randn(2, 3, image_size, image_size, device=device, dtype=dtype)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() / 2
+
+
+def device_peak(device: torch.device) -> dict[str, Any]:
+    """The dense peak MFU is quoted against, and a matmul measured now for comparison."""
+    if device.type == "cuda":
+        n, dtype, reps = 8192, torch.bfloat16, 10
+    else:
+        n, dtype, reps = 1024, torch.float32, 3
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    synchronize(device)
+    measured = 2 * n ** 3 * reps / (time.perf_counter() - start)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    datasheet = next((v for k, v in DATASHEET_BF16_PEAK.items() if k in name), None)
+    return {"device": name, "matmul": f"{n}^3 {str(dtype).removeprefix('torch.')}", "measured_flops": measured,
+            "datasheet_bf16_flops": datasheet, "peak_used": datasheet or measured,
+            "peak_source": "datasheet dense bf16" if datasheet else "matmul measured in this run"}
+
+
+def _step(trainer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    engine = trainer.engine
+
+    def step(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = trainer.loss_fn(engine(images.to(trainer.dtype)), targets)
+        engine.backward(loss)
+        engine.step()
+        return loss
+    return step
+
+
+def _endless_batches(loader):
+    epoch = 0
+    while True:
+        yield from loader.epoch(epoch)
+        epoch += 1
+
+
+def time_loader(trainer, warmup: int, steps: int, device: torch.device) -> dict[str, float]:
+    """Steps fed by the real train loader; the wait for each batch is data time."""
+    step, batches = _step(trainer), _endless_batches(trainer.train_loader)
+    for _ in range(warmup):
+        step(*next(batches))
+    synchronize(device)
+    waited, start = 0.0, time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        images, targets = next(batches)
+        waited += time.perf_counter() - t
+        loss = step(images, targets)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    batches.close()
+    return {"images_per_s": steps * trainer.cfg.data.batch_size / seconds, "step_ms": 1e3 * seconds / steps,
+            "data_time_fraction": waited / seconds, "final_loss": float(loss)}
+
+
+def device_batches(trainer, count: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Real augmented batches from the loader, kept on the device and replayed."""
+    batches = _endless_batches(trainer.train_loader)
+    out = [tuple(t.clone() for t in next(batches)) for _ in range(count)]
+    batches.close()
+    return out
+
+
+def time_engine(trainer, batches, warmup: int, steps: int, device: torch.device) -> dict[str, float]:
+    step = _step(trainer)
+    for i in range(warmup):
+        step(*batches[i % len(batches)])
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        loss = step(*batches[i % len(batches)])
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    result = {"images_per_s": steps * trainer.cfg.data.batch_size / seconds, "step_ms": 1e3 * seconds / steps,
+              "final_loss": float(loss)}
+    if device.type == "cuda":
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def profile_top_kernels(trainer, batches, steps: int, device: torch.device, rows: int = 15) -> list[dict]:
+    """The kernels (CUDA) or operators (CPU) that took the most device time over `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step = _step(trainer)
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step(*batches[i % len(batches)])
+        synchronize(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    if device.type == "cuda":  # kernels only: their times add up to the device's busy time
+        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA] or events
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"name": e.key[:90], "calls": e.count, "ms_per_step": getattr(e, attr) / 1e3 / steps,
+             "share": getattr(e, attr) / total} for e in events[:rows]]
+
+
+def bench_model(args, name: str, device: torch.device, peak: float, num_classes: int, *, compile_: bool = False,
+                profile_steps: int = 0) -> dict[str, Any]:
+    from dwnet.engine import Trainer
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = run_config(args, name, run_dir, num_classes, compile_)
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg, 0, 1, device, model_factory=model_factory(args.image_size))
+        module = trainer.engine.module
+        result: dict[str, Any] = {
+            "model": name + (" (torch.compile)" if compile_ else ""),
+            "params_m": sum(p.numel() for p in module.parameters()) / 1e6,
+            "fwd_gflops_per_image": forward_flops(module, args.image_size, device, trainer.dtype) / 1e9,
+            "build_s": time.perf_counter() - t0,
+        }
+        t0 = time.perf_counter()
+        result["loader"] = time_loader(trainer, args.warmup, args.steps, device)
+        result["warmup_and_loader_s"] = time.perf_counter() - t0
+        batches = device_batches(trainer)
+        result["engine"] = time_engine(trainer, batches, max(2, args.warmup // 2), args.steps, device)
+        for case in ("loader", "engine"):
+            flops = 3 * result["fwd_gflops_per_image"] * 1e9 * result[case]["images_per_s"]
+            result[case]["mfu"] = flops / peak
+        if profile_steps:
+            result["top_kernels"] = profile_top_kernels(trainer, batches, profile_steps, device)
+        del trainer, module, batches
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def save(results: dict[str, Any], path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(results, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def report(results: dict[str, Any]) -> str:
+    rows = []
+    for r in results["models"]:
+        loader, engine = r["loader"], r["engine"]
+        rows.append([r["model"], f"{r['params_m']:.1f}", f"{r['fwd_gflops_per_image']:.3g}",
+                     f"{engine['images_per_s']:.0f}", f"{100 * engine['mfu']:.1f}%",
+                     f"{loader['images_per_s']:.0f}", f"{100 * loader['mfu']:.1f}%",
+                     f"{100 * loader['data_time_fraction']:.1f}%", f"{engine.get('peak_memory_gb', float('nan')):.1f}"])
+    lines = [] if not rows else [table(["model", "params M", "fwd GFLOP/img", "engine img/s", "engine MFU", "loader img/s", "loader MFU",
+                    "data time", "peak GiB"], rows)]
+    if results.get("ratios"):
+        lines.append(table(["ratio (engine img/s)", "value", "target", "result"],
+                           [[k, f"{v['value']:.2f}x", f">= {v['target']}", v["result"]]
+                            for k, v in results["ratios"].items()]))
+    if results.get("top_kernels"):
+        lines.append(f"top kernels of {results['top_kernels']['model']} (ms per step, share of device time):")
+        lines.append(table(["kernel", "calls", "ms/step", "share"],
+                           [[k["name"], k["calls"], f"{k['ms_per_step']:.2f}", f"{100 * k['share']:.1f}%"]
+                            for k in results["top_kernels"]["rows"]]))
+    for name, err in results.get("failed", {}).items():
+        lines.append(f"FAILED {name}: {err}")
+    for name in results.get("skipped", []):
+        lines.append(f"skipped (budget): {name}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    deadline = time.monotonic() + args.budget_s
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu for a dry run")
+    from dwnet.distributed import init_distributed
+
+    init_distributed()
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    from torchvision.datasets import ImageFolder
+
+    num_classes = args.num_classes or (len(ImageFolder(args.data).classes) if args.backend == "imagefolder" else 1000)
+    peak = device_peak(device)
+    results: dict[str, Any] = {"machine": machine_info(args.device), "peak": peak, "settings": vars(args),
+                               "models": [], "failed": {}, "skipped": []}
+    cases = [(name, False) for name in args.models] + ([(args.models[0], True)] if args.compile else [])
+    for i, (name, compile_) in enumerate(cases):
+        label = name + (" (torch.compile)" if compile_ else "")
+        if time.monotonic() > deadline:
+            results["skipped"].append(label)
+            continue
+        print(f"[gpu_train] {label} ...", flush=True)
+        try:
+            r = bench_model(args, name, device, peak["peak_used"], num_classes, compile_=compile_,
+                            profile_steps=args.profile_steps if i == 0 else 0)
+        except Exception as err:  # one broken case must not cost the figures of the others
+            results["failed"][label] = f"{type(err).__name__}: {err}"[:500]
+            print(f"[gpu_train] {label} FAILED: {results['failed'][label]}", flush=True)
+            continue
+        if "top_kernels" in r:
+            results["top_kernels"] = {"model": label, "rows": r.pop("top_kernels")}
+        results["models"].append(r)
+        save(results, args.out)  # after every case: a later case that hangs must not cost these figures
+        print(f"[gpu_train] {label}: engine {r['engine']['images_per_s']:.0f} img/s, loader "
+              f"{r['loader']['images_per_s']:.0f} img/s", flush=True)
+    speed = {r["model"]: r["engine"]["images_per_s"] for r in results["models"]}
+    first = args.models[0]
+    results["ratios"] = {}
+    for num, den, target in TARGETS:
+        num = first if num == DWNET else num
+        if num != den and num in speed and den in speed:
+            value = speed[num] / speed[den]
+            results["ratios"][f"{num} / {den}"] = {"value": value, "target": target,
+                                                   "result": "PASS" if value >= target else "MISS"}
+    save(results, args.out)
+    print(report(results))
+    print(f"peak for MFU: {peak['peak_used'] / 1e12:.3g} TFLOP/s ({peak['peak_source']}); matmul {peak['matmul']} "
+          f"measured {peak['measured_flops'] / 1e12:.3g} TFLOP/s on {peak['device']}")
+    return 1 if results["failed"] else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
