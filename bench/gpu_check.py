@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     junit = os.path.join(args.out, "gpu_tests.xml")
     report["steps"]["gpu_tests"] = run_step(
         "gpu_tests", [python, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
-                      f"--junitxml={junit}", "-o", "addopts=", "--timeout=300"],
+                      f"--junitxml={junit}", "-o", "addopts=", "--timeout=90"],
         args.out, timeout_s=min(240.0, max(30.0, deadline - time.monotonic() - 120)))
     report["gpu_tests"] = junit_summary(junit)
 
