@@ -25,9 +25,9 @@ BENCH = os.path.join(REPO, "bench")
 
 # Sizes of the real check (one GPU) and of the CPU dry run that `make test` runs so this never rots.
 GPU_SIZES = dict(images=8192, classes=100, width=500, height=375, image_size=224, batch=128, warmup=8, steps=30,
-                 models=["dwnet_tiny", "convnext_tiny", "swin_tiny_patch4_window7_224"], compile=True)
+                 models=["dwnet_tiny", "convnext_tiny", "swin_tiny_patch4_window7_224"], compile=True, sweep=True)
 DRY_SIZES = dict(images=64, classes=4, width=64, height=48, image_size=32, batch=8, warmup=1, steps=2,
-                 models=["dwnet_femto", "convnext_tiny", "swin_tiny_patch4_window7_224"], compile=False)
+                 models=["dwnet_femto", "convnext_tiny", "swin_tiny_patch4_window7_224"], compile=False, sweep=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--workers", str(workers), "--models", *sizes["models"], "--backend", backend,
                  "--num-classes", str(sizes["classes"]),
                  "--budget-s", f"{max(10.0, deadline - time.monotonic() - 60):.0f}"]
-    if sizes["compile"]:
-        train_cmd.append("--compile")
+    train_cmd += ["--compile"] * sizes["compile"] + ["--sweep"] * sizes["sweep"]
     report["steps"]["train_bench"] = run_step("train_bench", train_cmd, args.out,
                                               timeout_s=max(30.0, deadline - time.monotonic()))
     if os.path.isfile(train_json):

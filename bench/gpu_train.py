@@ -29,6 +29,7 @@ from typing import Any, Callable
 from common import machine_info, synchronize, table
 
 import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), FLOP/s.
 DATASHEET_BF16_PEAK = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12}
@@ -54,11 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed steps per case")
     p.add_argument("--profile-steps", type=int, default=3, help="steps of the first model under the profiler")
     p.add_argument("--compile", action="store_true", help="also time the first model under torch.compile")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the first model's engine at ZeRO 0/1/2, twice the batch, and in plain PyTorch")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip remaining cases once this is spent")
     return p.parse_args(argv)
 
 
-def run_config(args: argparse.Namespace, model: str, run_dir: str, num_classes: int, compile_: bool = False):
+def run_config(args: argparse.Namespace, model: str, run_dir: str, num_classes: int, compile_: bool = False,
+               extra: list[str] | None = None):
     from dwnet.config import load_config
 
     return load_config(None, [
@@ -67,7 +71,7 @@ def run_config(args: argparse.Namespace, model: str, run_dir: str, num_classes: 
         f"data.image_size={args.image_size}", f"data.batch_size={args.batch}", f"data.num_workers={args.workers}",
         f"engine.precision={args.precision}", f"engine.zero_stage={args.zero_stage}", "optim.epochs=1000",
         f"checkpoint.dir={run_dir}", "checkpoint.every_steps=0", "checkpoint.auto_resume=false",
-        "log.tensorboard=false", "log.progress=false"])
+        "log.tensorboard=false", "log.progress=false", *(extra or [])])
 
 
 def model_factory(image_size: int) -> Callable:
@@ -163,7 +167,7 @@ def time_loader(trainer, warmup: int, steps: int, device: torch.device) -> dict[
     seconds = time.perf_counter() - start
     batches.close()
     return {"images_per_s": steps * trainer.cfg.data.batch_size / seconds, "step_ms": 1e3 * seconds / steps,
-            "data_time_fraction": waited / seconds, "final_loss": float(loss)}
+            "data_time_fraction": waited / seconds, "final_loss": loss.item()}
 
 
 def device_batches(trainer, count: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -187,30 +191,108 @@ def time_engine(trainer, batches, warmup: int, steps: int, device: torch.device)
     synchronize(device)
     seconds = time.perf_counter() - start
     result = {"images_per_s": steps * trainer.cfg.data.batch_size / seconds, "step_ms": 1e3 * seconds / steps,
-              "final_loss": float(loss)}
+              "final_loss": loss.item()}
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
 
 
-def profile_top_kernels(trainer, batches, steps: int, device: torch.device, rows: int = 15) -> list[dict]:
-    """The kernels (CUDA) or operators (CPU) that took the most device time over `steps` steps."""
+def profile_step(trainer, batches, steps: int, device: torch.device, rows: int = 15) -> dict[str, Any]:
+    """Where a step's time goes: the kernels (CUDA) or operators (CPU) with the most device time,
+    the device's busy time per step (sum over all kernels) and the host's costliest operators."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     step = _step(trainer)
+    synchronize(device)
+    start = time.perf_counter()
     with profile(activities=activities) as prof:
         for i in range(steps):
             step(*batches[i % len(batches)])
         synchronize(device)
+    wall_ms = 1e3 * (time.perf_counter() - start) / steps
+    averages = [e for e in prof.key_averages() if not e.key.startswith(("Optimizer.", "ProfilerStep"))]
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
-    if device.type == "cuda":  # kernels only: their times add up to the device's busy time
-        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA] or events
-    total = sum(getattr(e, attr) for e in events) or 1.0
-    events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    return [{"name": e.key[:90], "calls": e.count, "ms_per_step": getattr(e, attr) / 1e3 / steps,
-             "share": getattr(e, attr) / total} for e in events[:rows]]
+    kernels = [e for e in averages if getattr(e, attr, 0) > 0]
+    if device.type == "cuda":  # kernels only (operators report their kernels' time too): they sum to busy time
+        kernels = [e for e in kernels if e.device_type == torch.autograd.DeviceType.CUDA] or kernels
+    total = sum(getattr(e, attr) for e in kernels) or 1.0
+    kernels.sort(key=lambda e: getattr(e, attr), reverse=True)
+    host = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "wall_ms_per_step": wall_ms,  # under the profiler: slower than the timed runs
+        "device_busy_ms_per_step": total / 1e3 / steps,
+        "rows": [{"name": e.key[:90], "calls": e.count, "ms_per_step": getattr(e, attr) / 1e3 / steps,
+                  "share": getattr(e, attr) / total} for e in kernels[:rows]],
+        "host_top": [{"name": e.key[:90], "calls": e.count, "ms_per_step": e.self_cpu_time_total / 1e3 / steps}
+                     for e in host[:10]],
+    }
+
+
+def plain_torch_step(name: str, args, device: torch.device, num_classes: int, batches) -> dict[str, float]:
+    """The named baseline for engine overhead: the same model and batches in plain PyTorch, as timm's
+    train.py runs it (fp32 weights, bf16 autocast, fused AdamW, clipping), no DeepSpeed."""
+    import timm
+
+    from dwnet.engine.optim import param_groups
+
+    model = timm.create_model(name, num_classes=num_classes).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def step(images, targets):
+        with autocast:
+            logits = model(images)
+        loss = nn.functional.cross_entropy(logits.float(), targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(max(2, args.warmup // 2)):
+        step(*batches[i % len(batches)])
+    synchronize(device)
+    start = time.perf_counter()
+    for i in range(args.steps):
+        step(*batches[i % len(batches)])
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": args.steps * args.batch / seconds, "step_ms": 1e3 * seconds / args.steps}
+
+
+def engine_sweep(args, name: str, device: torch.device, num_classes: int) -> list[dict[str, Any]]:
+    """Engine-only img/s of `name` across ZeRO stages and batch sizes, and the plain-PyTorch step:
+    separates what the model costs from what the engine adds."""
+    from dwnet.engine import Trainer
+
+    rows, batches = [], None
+    cases = [(0, args.batch, True), (1, args.batch, True), (2, args.batch, True), (1, 2 * args.batch, True)]
+    if args.precision == "bf16":  # what DeepSpeed's per-parameter gradient overflow scan costs
+        cases.append((1, args.batch, False))
+    for zero_stage, batch, overflow_scan in cases:
+        with tempfile.TemporaryDirectory() as run_dir:
+            case = argparse.Namespace(**{**vars(args), "zero_stage": zero_stage, "batch": batch})
+            overrides = []
+            if not overflow_scan:
+                extra = os.path.join(run_dir, "no_overflow_scan.json")
+                with open(extra, "w") as fh:
+                    json.dump({"bf16": {"check_grad_overflow": False}}, fh)
+                overrides.append(f"engine.deepspeed_config={extra}")
+            trainer = Trainer(run_config(case, name, run_dir, num_classes, extra=overrides), 0, 1, device,
+                              model_factory=model_factory(args.image_size))
+            data = device_batches(trainer)
+            if batch == args.batch:
+                batches = data
+            timing = time_engine(trainer, data, max(2, args.warmup // 2), args.steps, device)
+            label = f"engine ZeRO-{zero_stage}, batch {batch}" + ("" if overflow_scan else ", no overflow scan")
+            rows.append({"case": label, **timing})
+            del trainer, data
+    if batches is not None:
+        targets_hard = [(x, t.argmax(1) if t.ndim == 2 else t) for x, t in batches]
+        rows.append({"case": f"plain PyTorch (autocast, fused AdamW), batch {args.batch}",
+                     **plain_torch_step(name, args, device, num_classes, targets_hard)})
+    return rows
 
 
 def bench_model(args, name: str, device: torch.device, peak: float, num_classes: int, *, compile_: bool = False,
@@ -237,7 +319,7 @@ def bench_model(args, name: str, device: torch.device, peak: float, num_classes:
             flops = 3 * result["fwd_gflops_per_image"] * 1e9 * result[case]["images_per_s"]
             result[case]["mfu"] = flops / peak
         if profile_steps:
-            result["top_kernels"] = profile_top_kernels(trainer, batches, profile_steps, device)
+            result["profile"] = profile_step(trainer, batches, profile_steps, device)
         del trainer, module, batches
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -265,11 +347,17 @@ def report(results: dict[str, Any]) -> str:
         lines.append(table(["ratio (engine img/s)", "value", "target", "result"],
                            [[k, f"{v['value']:.2f}x", f">= {v['target']}", v["result"]]
                             for k, v in results["ratios"].items()]))
-    if results.get("top_kernels"):
-        lines.append(f"top kernels of {results['top_kernels']['model']} (ms per step, share of device time):")
+    if results.get("profile"):
+        prof = results["profile"]
+        lines.append(f"profile of {prof['model']}: device busy {prof['device_busy_ms_per_step']:.1f} ms of "
+                     f"{prof['wall_ms_per_step']:.1f} ms per step (under the profiler); top kernels:")
         lines.append(table(["kernel", "calls", "ms/step", "share"],
                            [[k["name"], k["calls"], f"{k['ms_per_step']:.2f}", f"{100 * k['share']:.1f}%"]
-                            for k in results["top_kernels"]["rows"]]))
+                            for k in prof["rows"]]))
+        lines.append("host: " + ", ".join(f"{k['name']} {k['ms_per_step']:.1f} ms" for k in prof["host_top"][:6]))
+    if results.get("sweep"):
+        lines.append(table(["engine sweep", "img/s", "step ms"],
+                           [[r["case"], f"{r['images_per_s']:.0f}", f"{r['step_ms']:.1f}"] for r in results["sweep"]]))
     for name, err in results.get("failed", {}).items():
         lines.append(f"FAILED {name}: {err}")
     for name in results.get("skipped", []):
@@ -306,12 +394,17 @@ def main(argv: list[str] | None = None) -> int:
             results["failed"][label] = f"{type(err).__name__}: {err}"[:500]
             print(f"[gpu_train] {label} FAILED: {results['failed'][label]}", flush=True)
             continue
-        if "top_kernels" in r:
-            results["top_kernels"] = {"model": label, "rows": r.pop("top_kernels")}
+        if "profile" in r:
+            results["profile"] = {"model": label, **r.pop("profile")}
         results["models"].append(r)
         save(results, args.out)  # after every case: a later case that hangs must not cost these figures
         print(f"[gpu_train] {label}: engine {r['engine']['images_per_s']:.0f} img/s, loader "
               f"{r['loader']['images_per_s']:.0f} img/s", flush=True)
+    if args.sweep and time.monotonic() < deadline:
+        try:
+            results["sweep"] = engine_sweep(args, args.models[0], device, num_classes)
+        except Exception as err:
+            results["failed"]["sweep"] = f"{type(err).__name__}: {err}"[:500]
     speed = {r["model"]: r["engine"]["images_per_s"] for r in results["models"]}
     first = args.models[0]
     results["ratios"] = {}

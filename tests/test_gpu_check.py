@@ -35,5 +35,8 @@ def test_gpu_check_cpu_dry_run_reports_every_figure(tmp_path):
         assert 0 <= model["loader"]["data_time_fraction"] < 1
         assert model["fwd_gflops_per_image"] > 0
     assert set(train["ratios"]) == {"dwnet_femto / swin_tiny_patch4_window7_224", "dwnet_femto / convnext_tiny"}
-    assert train["top_kernels"]["rows"], "no profile of the first model"
+    profile = train["profile"]
+    assert profile["rows"] and profile["host_top"] and profile["device_busy_ms_per_step"] > 0, profile
+    sweep = {row["case"]: row for row in train["sweep"]}
+    assert len(sweep) == 6 and all(row["images_per_s"] > 0 for row in sweep.values()), sweep
     assert "engine img/s" in proc.stdout and "[gpu_check] report:" in proc.stdout
