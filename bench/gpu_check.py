@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                  "--workers", str(workers), "--models", *sizes["models"], "--backend", backend,
                  "--num-classes", str(sizes["classes"]),
                  "--budget-s", f"{max(10.0, deadline - time.monotonic() - 60):.0f}"]
+    if backend == "ffcv":
+        train_cmd += ["--compare-imagefolder", data]
     train_cmd += ["--compile"] * sizes["compile"] + ["--sweep"] * sizes["sweep"]
     report["steps"]["train_bench"] = run_step("train_bench", train_cmd, args.out,
                                               timeout_s=max(30.0, deadline - time.monotonic()))

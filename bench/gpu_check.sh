@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA path in one command, for a bare GPU machine with no package registry:
 #   1. installs what is missing from wheels carried in .whl/ (made here by bench/gpu_wheels.sh:
-#      DeepSpeed built with DS_BUILD_OPS=0, its pure-Python needs, timm);
+#      DeepSpeed built with DS_BUILD_OPS=0, its pure-Python needs, timm, and this machine's ffcv
+#      build with the OpenCV / libjpeg-turbo libraries it links);
 #   2. runs the tests marked `gpu` (tests/test_gpu.py);
 #   3. trains dwnet_tiny, convnext_tiny and swin_tiny through the real engine (bf16, ZeRO-2, 224 px)
 #      on an ImageNet-like JPEG tree generated there, and writes one JSON with every figure.
@@ -9,8 +10,8 @@
 #   bash bench/gpu_check.sh [--out DIR] [--budget-s SECONDS]   # on the GPU machine
 #   bash bench/gpu_check.sh --cpu-dry-run [--out DIR]          # the same steps on CPU, tiny sizes
 #
-# ffcv needs OpenCV and libjpeg-turbo system libraries that a bare machine lacks; where `import ffcv`
-# fails the loader benchmark uses the ImageFolder backend, and the report says so.
+# Where `import ffcv` still fails (no carried build, or its libraries do not load there) the loader
+# benchmark uses the ImageFolder backend, and the report says so.
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -45,6 +46,14 @@ if ! "$PYTHON" -c "import deepspeed" 2>/dev/null; then
   echo "[gpu_check] installing carried wheels into $SITE: $(cd "$REPO/.whl" && ls *.whl | tr '\n' ' ')"
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
       "$REPO"/.whl/*.whl || { echo "gpu_check.sh: installing the carried wheels failed" >&2; exit 2; }
+  export PYTHONPATH="$REPO:$SITE${CALLER_PYTHONPATH:+:$CALLER_PYTHONPATH}"
+fi
+
+if ! "$PYTHON" -c "import ffcv" 2>/dev/null && [[ -d "$REPO/.whl/ffcv" ]]; then
+  SITE="${SITE:-${TMPDIR:-/tmp}/dwnet-gpu-site}"
+  echo "[gpu_check] using the carried ffcv build and its libraries (.whl/ffcv, .whl/ffcv-libs)"
+  mkdir -p "$SITE" && rm -rf "$SITE/ffcv" && cp -r "$REPO/.whl/ffcv" "$SITE/ffcv"
+  export LD_LIBRARY_PATH="$REPO/.whl/ffcv-libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export PYTHONPATH="$REPO:$SITE${CALLER_PYTHONPATH:+:$CALLER_PYTHONPATH}"
 fi
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed steps per case")
     p.add_argument("--profile-steps", type=int, default=3, help="steps of the first model under the profiler")
     p.add_argument("--compile", action="store_true", help="also time the first model under torch.compile")
+    p.add_argument("--compare-imagefolder", metavar="TREE",
+                   help="with --backend ffcv: also time the first model's loader on this ImageFolder tree")
     p.add_argument("--sweep", action="store_true",
                    help="also time the first model's engine at ZeRO 0/1/2, twice the batch, and in plain PyTorch")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip remaining cases once this is spent")
@@ -168,6 +171,21 @@ def time_loader(trainer, warmup: int, steps: int, device: torch.device) -> dict[
     batches.close()
     return {"images_per_s": steps * trainer.cfg.data.batch_size / seconds, "step_ms": 1e3 * seconds / steps,
             "data_time_fraction": waited / seconds, "final_loss": loss.item()}
+
+
+def time_other_loader(trainer, args, num_classes: int, device: torch.device) -> dict[str, float]:
+    """The loader timing again with the ImageFolder backend (PIL in DataLoader workers), for the ratio."""
+    from dwnet.data import build_train_loader
+
+    cfg = trainer.cfg
+    data = dataclasses.replace(cfg.data, backend="imagefolder", train_path=args.compare_imagefolder)
+    own = trainer.train_loader
+    trainer.train_loader = build_train_loader(data, cfg.augment, num_classes=num_classes, rank=0, world_size=1,
+                                              seed=cfg.engine.seed, device=device, channels_last=True)
+    try:
+        return time_loader(trainer, args.warmup, args.steps, device)
+    finally:
+        trainer.train_loader = own
 
 
 def device_batches(trainer, count: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -313,6 +331,8 @@ def bench_model(args, name: str, device: torch.device, peak: float, num_classes:
         t0 = time.perf_counter()
         result["loader"] = time_loader(trainer, args.warmup, args.steps, device)
         result["warmup_and_loader_s"] = time.perf_counter() - t0
+        if args.compare_imagefolder and profile_steps:  # the first model: the other backend on the same engine
+            result["loader_imagefolder"] = time_other_loader(trainer, args, num_classes, device)
         batches = device_batches(trainer)
         result["engine"] = time_engine(trainer, batches, max(2, args.warmup // 2), args.steps, device)
         for case in ("loader", "engine"):
@@ -343,6 +363,13 @@ def report(results: dict[str, Any]) -> str:
                      f"{100 * loader['data_time_fraction']:.1f}%", f"{engine.get('peak_memory_gb', float('nan')):.1f}"])
     lines = [] if not rows else [table(["model", "params M", "fwd GFLOP/img", "engine img/s", "engine MFU", "loader img/s", "loader MFU",
                     "data time", "peak GiB"], rows)]
+    for r in results["models"]:
+        if "loader_imagefolder" in r:
+            other = r["loader_imagefolder"]
+            lines.append(f"{r['model']} loader: ffcv {r['loader']['images_per_s']:.0f} img/s (data time "
+                         f"{100 * r['loader']['data_time_fraction']:.1f}%) vs ImageFolder+PIL {other['images_per_s']:.0f} "
+                         f"img/s (data time {100 * other['data_time_fraction']:.1f}%): "
+                         f"{r['loader']['images_per_s'] / other['images_per_s']:.2f}x")
     if results.get("ratios"):
         lines.append(table(["ratio (engine img/s)", "value", "target", "result"],
                            [[k, f"{v['value']:.2f}x", f">= {v['target']}", v["result"]]

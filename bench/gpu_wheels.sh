@@ -22,3 +22,24 @@ DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" "
     "typing-extensions==$(version typing-extensions)" "timm==$(version timm)"
 ls -1 "$DEST"
 du -sh "$DEST"
+
+# ffcv: no wheel exists for it. Carry this venv's build (its Python package, the compiled _libffcv
+# renamed to the version-neutral `_libffcv.so` suffix every CPython accepts; the module only exports
+# C functions that ffcv reaches through ctypes) and the shared libraries it links (OpenCV core and
+# imgproc, libjpeg-turbo and what they need), minus the C/C++ runtime every Linux with torch has.
+SITE_PACKAGES="$("$PY" -c 'import ffcv, os; print(os.path.dirname(os.path.dirname(ffcv.__file__)))')"
+rm -rf "$DEST/ffcv" "$DEST/ffcv-libs"
+mkdir -p "$DEST/ffcv-libs"
+cp -r "$SITE_PACKAGES/ffcv" "$DEST/ffcv"
+find "$DEST/ffcv" -name __pycache__ -prune -exec rm -rf {} +
+rm -rf "$DEST/ffcv/benchmarks"
+EXT="$(ls "$DEST"/ffcv/_libffcv*.so)"
+mv "$EXT" "$DEST/ffcv/_libffcv.so"
+ldd "$DEST/ffcv/_libffcv.so" | awk '/=> \// {print $3}' | while read -r lib; do
+  case "$(basename "$lib")" in
+    libc.so*|libm.so*|libstdc++.so*|libgcc_s.so*|ld-linux*|libpthread.so*|libdl.so*|librt.so*) ;;
+    *) cp -L "$lib" "$DEST/ffcv-libs/" ;;
+  esac
+done
+ls -1 "$DEST/ffcv-libs"
+du -sh "$DEST"

@@ -37,6 +37,8 @@ def test_gpu_check_cpu_dry_run_reports_every_figure(tmp_path):
     assert set(train["ratios"]) == {"dwnet_femto / swin_tiny_patch4_window7_224", "dwnet_femto / convnext_tiny"}
     profile = train["profile"]
     assert profile["rows"] and profile["host_top"] and profile["device_busy_ms_per_step"] > 0, profile
+    if report["backend"] == "ffcv":  # the production path, compared with ImageFolder+PIL on the same engine
+        assert train["models"][0]["loader_imagefolder"]["images_per_s"] > 0
     sweep = {row["case"]: row for row in train["sweep"]}
     assert len(sweep) == 6 and all(row["images_per_s"] > 0 for row in sweep.values()), sweep
     assert "engine img/s" in proc.stdout and "[gpu_check] report:" in proc.stdout
