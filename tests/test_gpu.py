@@ -296,3 +296,33 @@ def test_cpu_accelerator_trains_on_the_cpu_even_where_cuda_is_visible(monkeypatc
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert training_device() == torch.device("cpu")
+
+
+@gpu
+def test_ffcv_loader_on_cuda_matches_cpu(digits_betons):
+    """ffcv decodes on the host and copies to the GPU on its own CUDA streams (ToDevice, non-blocking):
+    the batches the GPU loader yields must be exactly the CPU loader's, batch after batch (a missing
+    stream synchronisation shows up as a batch still being overwritten while it is read)."""
+    pytest.importorskip("ffcv")
+    from dwnet.config import load_config
+    from dwnet.data import build_train_loader, build_val_loader
+
+    cfg = load_config(None, [f"data.train_path={digits_betons / 'train.beton'}", "data.image_size=32",
+                             "data.batch_size=16", "data.num_workers=2", "model.num_classes=10",
+                             "augment.rand_augment=", "augment.random_erasing=0", "augment.mixup=0",
+                             "augment.cutmix=0", "augment.label_smoothing=0"])
+    loaders = {device: build_train_loader(cfg.data, cfg.augment, num_classes=10, rank=0, world_size=1, seed=3,
+                                          device=torch.device(device), channels_last=True)
+               for device in ("cpu", "cuda")}
+    batches = {device: [(x.cpu(), y.cpu()) for x, y in loader.epoch(1)] for device, loader in loaders.items()}
+    assert len(batches["cuda"]) == len(batches["cpu"]) > 2
+    for (x_gpu, y_gpu), (x_cpu, y_cpu) in zip(batches["cuda"], batches["cpu"]):
+        assert torch.equal(y_gpu, y_cpu)
+        torch.testing.assert_close(x_gpu, x_cpu, rtol=0, atol=1e-5)
+    val_cfg = load_config(None, [f"data.val_path={digits_betons / 'val.beton'}", "data.image_size=32",
+                                 "data.batch_size=16", "data.num_workers=2"])
+    val = {device: [(x.cpu(), y.cpu()) for x, y in build_val_loader(val_cfg.data, rank=0, world_size=1,
+                                                                    device=torch.device(device))]
+           for device in ("cpu", "cuda")}
+    for (x_gpu, y_gpu), (x_cpu, y_cpu) in zip(val["cuda"], val["cpu"]):
+        assert torch.equal(y_gpu, y_cpu) and torch.equal(x_gpu, x_cpu)
