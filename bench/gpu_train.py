@@ -392,57 +392,69 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_case(args, results: dict[str, Any], name: str, device: torch.device, num_classes: int, deadline: float,
+             *, compile_: bool = False, profile: bool = False) -> None:
+    """Benchmarks one model into `results` (or records why not) and saves the JSON: a later case that
+    hangs must not cost the figures already taken."""
+    label = name + (" (torch.compile)" if compile_ else "")
+    if time.monotonic() > deadline:
+        results["skipped"].append(label)
+        return
+    print(f"[gpu_train] {label} ...", flush=True)
+    try:
+        r = bench_model(args, name, device, results["peak"]["peak_used"], num_classes, compile_=compile_,
+                        profile_steps=args.profile_steps if profile else 0)
+    except Exception as err:  # one broken case must not cost the figures of the others
+        results["failed"][label] = f"{type(err).__name__}: {err}"[:500]
+        print(f"[gpu_train] {label} FAILED: {results['failed'][label]}", flush=True)
+        return
+    if "profile" in r:
+        results["profile"] = {"model": label, **r.pop("profile")}
+    results["models"].append(r)
+    save(results, args.out)
+    print(f"[gpu_train] {label}: engine {r['engine']['images_per_s']:.0f} img/s, loader "
+          f"{r['loader']['images_per_s']:.0f} img/s", flush=True)
+
+
+def ratios(results: dict[str, Any], first: str) -> dict[str, dict[str, Any]]:
+    """The targets' ratios of engine images/s; the first model stands in for dwnet_tiny (dry runs)."""
+    speed = {r["model"]: r["engine"]["images_per_s"] for r in results["models"]}
+    out = {}
+    for num, den, target in TARGETS:
+        num = first if num == DWNET else num
+        if num != den and num in speed and den in speed:
+            value = speed[num] / speed[den]
+            out[f"{num} / {den}"] = {"value": value, "target": target, "result": "PASS" if value >= target else "MISS"}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     deadline = time.monotonic() + args.budget_s
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu for a dry run")
-    from dwnet.distributed import init_distributed
-
-    init_distributed()
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     from torchvision.datasets import ImageFolder
 
+    from dwnet.distributed import init_distributed, training_device
+
+    init_distributed()
+    device = training_device() if args.device == "cuda" else torch.device("cpu")
     num_classes = args.num_classes or (len(ImageFolder(args.data).classes) if args.backend == "imagefolder" else 1000)
-    peak = device_peak(device)
-    results: dict[str, Any] = {"machine": machine_info(args.device), "peak": peak, "settings": vars(args),
-                               "models": [], "failed": {}, "skipped": []}
-    cases = [(name, False) for name in args.models] + ([(args.models[0], True)] if args.compile else [])
-    for i, (name, compile_) in enumerate(cases):
-        label = name + (" (torch.compile)" if compile_ else "")
-        if time.monotonic() > deadline:
-            results["skipped"].append(label)
-            continue
-        print(f"[gpu_train] {label} ...", flush=True)
-        try:
-            r = bench_model(args, name, device, peak["peak_used"], num_classes, compile_=compile_,
-                            profile_steps=args.profile_steps if i == 0 else 0)
-        except Exception as err:  # one broken case must not cost the figures of the others
-            results["failed"][label] = f"{type(err).__name__}: {err}"[:500]
-            print(f"[gpu_train] {label} FAILED: {results['failed'][label]}", flush=True)
-            continue
-        if "profile" in r:
-            results["profile"] = {"model": label, **r.pop("profile")}
-        results["models"].append(r)
-        save(results, args.out)  # after every case: a later case that hangs must not cost these figures
-        print(f"[gpu_train] {label}: engine {r['engine']['images_per_s']:.0f} img/s, loader "
-              f"{r['loader']['images_per_s']:.0f} img/s", flush=True)
-    if args.sweep and time.monotonic() < deadline:
+    results: dict[str, Any] = {"machine": machine_info(args.device), "peak": device_peak(device),
+                               "settings": vars(args), "models": [], "failed": {}, "skipped": []}
+    for i, name in enumerate(args.models):
+        run_case(args, results, name, device, num_classes, deadline, profile=i == 0)
+    if args.sweep and time.monotonic() < deadline:  # before compile: the sweep says more per second
         try:
             results["sweep"] = engine_sweep(args, args.models[0], device, num_classes)
         except Exception as err:
             results["failed"]["sweep"] = f"{type(err).__name__}: {err}"[:500]
-    speed = {r["model"]: r["engine"]["images_per_s"] for r in results["models"]}
-    first = args.models[0]
-    results["ratios"] = {}
-    for num, den, target in TARGETS:
-        num = first if num == DWNET else num
-        if num != den and num in speed and den in speed:
-            value = speed[num] / speed[den]
-            results["ratios"][f"{num} / {den}"] = {"value": value, "target": target,
-                                                   "result": "PASS" if value >= target else "MISS"}
+    if args.compile:
+        run_case(args, results, args.models[0], device, num_classes, deadline, compile_=True)
+    results["ratios"] = ratios(results, args.models[0])
     save(results, args.out)
     print(report(results))
+    peak = results["peak"]
     print(f"peak for MFU: {peak['peak_used'] / 1e12:.3g} TFLOP/s ({peak['peak_source']}); matmul {peak['matmul']} "
           f"measured {peak['measured_flops'] / 1e12:.3g} TFLOP/s on {peak['device']}")
     return 1 if results["failed"] else 0
