@@ -5,8 +5,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import timm
 import torch
-import torch.nn as nn
 
 from dwnet.atomic_io import install
 from dwnet.models import DWNet, create_model, fuse_batchnorm, load_state_dict_checked, read_state_dict
@@ -46,10 +46,9 @@ class DeployReport:
 def prepare_model(name: str, checkpoint: Union[str, os.PathLike]) -> DWNet:
     """The eval-mode model of `checkpoint`; classes and input channels are read from its tensors,
     so a fine-tuned checkpoint needs no extra flags."""
-    try:
-        model = create_model(name, num_classes=0)  # validates the name before reading the file
-    except ValueError as err:
-        raise DeployError(str(err)) from err
+    dwnets = timm.list_models("*dwnet*")
+    if name not in dwnets:  # checked before the checkpoint is read
+        raise DeployError(f"unknown model {name!r}; DWNet models: {', '.join(dwnets)}")
     state_dict = read_state_dict(checkpoint)
     head = state_dict.get("head.weight")
     stem = state_dict.get("patch_embed.proj.weight")
@@ -61,15 +60,15 @@ def prepare_model(name: str, checkpoint: Union[str, os.PathLike]) -> DWNet:
     return model.eval()
 
 
-def _for_export(model: DWNet, fuse_bn: bool) -> DWNet:
-    """A copy fit for export: BatchNorms optionally folded, dynamic convs in their formulation
-    without batch-dependent conv groups (same outputs)."""
+def _for_export(model: DWNet, fuse_bn: bool, dynamic_batch: bool) -> DWNet:
+    """A copy fit for export: BatchNorms optionally folded; with a dynamic batch, dynamic convs
+    in their formulation without batch-dependent conv groups (same outputs)."""
     model = copy.deepcopy(model).eval()
     if fuse_bn:
         fuse_batchnorm(model)
     for module in model.modules():
         if isinstance(module, DynamicDepthwiseConv2d):
-            module.export_friendly = True
+            module.export_friendly = dynamic_batch
     return model
 
 
@@ -77,6 +76,8 @@ def _check_writable(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise DeployError(f"--out {path}: is a directory; give a file name ending in .onnx")
+    if not path.endswith(".onnx"):
+        raise DeployError(f"--out {path}: must end in .onnx (the torch.export program goes next to it as .pt2)")
     try:
         with open(os.path.join(folder, f".{os.path.basename(path)}.probe.{os.getpid()}"), "wb") as fh:
             probe = fh.name
@@ -92,8 +93,6 @@ def deploy(name: str, checkpoint: Union[str, os.PathLike], out: str, fuse_bn: bo
     batch=None exports a dynamic batch dimension; an int fixes it. image_size defaults to the
     model's pretrained config (224 for the published models).
     """
-    if not out.endswith(".onnx"):
-        raise DeployError(f"--out {out}: must end in .onnx (the torch.export program goes next to it as .pt2)")
     _check_writable(out)
     program_path = out[:-len(".onnx")] + ".pt2"
     model = prepare_model(name, checkpoint)
@@ -102,7 +101,7 @@ def deploy(name: str, checkpoint: Union[str, os.PathLike], out: str, fuse_bn: bo
     with torch.no_grad():
         expected = [model(x) for x in inputs]
 
-    exported = _for_export(model, fuse_bn)
+    exported = _for_export(model, fuse_bn, dynamic_batch=batch is None)
     example = inputs[-1]  # dynamic: batch 2 or more, so export does not specialise it to 1
     dynamic_shapes = None if batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
     with torch.no_grad():

@@ -74,10 +74,10 @@ class DynamicDepthwiseConv2d(nn.Module):
     C/r -> k*k*C; it is applied depth-wise with zero padding, then a learned per-channel bias is
     added. The generated tensor is laid out channel-major, (C, k, k) per sample.
 
-    Two equal formulations: one grouped conv over the batch folded into channels (fast; its
-    `groups` depends on the batch size) and, with `export_friendly=True`, k*k shifted
-    multiply-adds whose graph has no batch-dependent attribute, which ONNX (static `group`) and a
-    dynamic-batch `torch.export` need.
+    Two equal formulations: one grouped conv over the batch folded into channels (fast, lean;
+    its `groups` depends on the batch size) and, with `export_friendly=True`, an unfold
+    (im2col) and a weighted sum over the k*k taps, whose graph has no batch-dependent attribute,
+    as ONNX (static `group`) with a dynamic batch needs. The latter holds k*k copies of the input.
     """
 
     def __init__(self, dim: int, kernel_size: int = 7, reduction: int = 4,
@@ -101,24 +101,15 @@ class DynamicDepthwiseConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernels = self.generate_kernels(x)
-        if self.export_friendly:
-            return self._shifted_sum(x, kernels)
         b, c, h, w = x.shape
-        # One grouped conv over the batch folded into channels applies each sample's kernels.
-        out = F.conv2d(x.reshape(1, b * c, h, w), kernels, self.bias.repeat(b),
-                       padding=self.kernel_size // 2, groups=b * c)
-        return out.reshape(b, c, h, w)
-
-    def _shifted_sum(self, x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
         k = self.kernel_size
-        h, w = x.shape[-2], x.shape[-1]
-        taps = kernels.reshape(x.shape[0], self.dim, k * k, 1, 1)
-        padded = F.pad(x, (k // 2, k // 2, k // 2, k // 2))
-        out = self.bias.reshape(1, -1, 1, 1)
-        for i in range(k):
-            for j in range(k):
-                out = out + padded[:, :, i:i + h, j:j + w] * taps[:, :, i * k + j]
-        return out
+        if self.export_friendly:
+            taps = F.unfold(x, k, padding=k // 2).reshape(b, c, k * k, h * w)
+            out = (taps * kernels.reshape(b, c, k * k, 1)).sum(dim=2).reshape(b, c, h, w)
+            return out + self.bias.reshape(1, -1, 1, 1)
+        # One grouped conv over the batch folded into channels applies each sample's kernels.
+        out = F.conv2d(x.reshape(1, b * c, h, w), kernels, self.bias.repeat(b), padding=k // 2, groups=b * c)
+        return out.reshape(b, c, h, w)
 
 
 class PatchEmbed(nn.Module):
