@@ -51,14 +51,18 @@ def load_backbone(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
     """Loads every tensor of `state_dict` whose name and shape match `model` (the backbone, for
     fine-tuning on another label set); the rest of `model` keeps its initialisation.
 
-    Returns the model's keys left as they were. Raises CheckpointMismatchError when nothing fits,
-    which means a checkpoint of another architecture, not a different head.
+    Returns the model's keys left as they were. Raises CheckpointMismatchError when under half of
+    the backbone's weights fit: that is a checkpoint of another architecture, not another head.
     """
     own = model.state_dict()
     fitting = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
-    if not fitting:
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    backbone = {k: p.numel() for k, p in model.named_parameters() if not k.startswith(f"{classifier}.")}
+    loaded = sum(n for k, n in backbone.items() if k in fitting)
+    if loaded * 2 < sum(backbone.values()):
         raise CheckpointMismatchError(
-            f"{source}: no tensor fits {type(model).__name__} by name and shape; check the model name")
+            f"{source}: only {loaded:,} of {sum(backbone.values()):,} backbone weights of {type(model).__name__} "
+            "fit by name and shape; check the model name (dynamic vs static, tiny vs base)")
     model.load_state_dict(fitting, strict=False)
     return [k for k in own if k not in fitting]
 
