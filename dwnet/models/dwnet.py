@@ -267,7 +267,7 @@ def _cfg(url: str = "", **overrides) -> dict:
         url=url, num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
         interpolation="bicubic", fixed_input_size=False, mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225), first_conv="patch_embed.proj", classifier="head", license="mit",
-        paper_ids="arXiv:2108.04096", origin_url="https://github.com/Atten4Vis/DemystifyLocalViT")
+        paper_ids="arXiv:2106.04263", origin_url="https://github.com/Atten4Vis/DemystifyLocalViT")
     cfg.update(overrides)
     return cfg
 
