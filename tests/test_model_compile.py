@@ -13,6 +13,13 @@ from dwnet.models import DWNet
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def one_compile_thread():
+    # On a 2-core machine a pool of compile workers costs more than it saves.
+    with torch._inductor.config.patch(compile_threads=1):
+        yield
+
+
 def smallest(dynamic: bool) -> DWNet:
     torch.manual_seed(0)
     return DWNet(embed_dim=16, depths=(1, 1, 1, 1), num_classes=10, dynamic=dynamic, drop_path_rate=0.0)

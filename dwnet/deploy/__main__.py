@@ -5,12 +5,14 @@ import sys
 from typing import Optional
 
 
-def _batch(value: str) -> Optional[int]:
-    if value == "dynamic":
-        return None
+def _positive(value: str) -> int:
     if value.isdigit() and int(value) > 0:
         return int(value)
-    raise argparse.ArgumentTypeError(f"{value!r}: use 'dynamic' or a positive integer")
+    raise argparse.ArgumentTypeError(f"{value!r}: use a positive integer")
+
+
+def _batch(value: str) -> Optional[int]:
+    return None if value == "dynamic" else _positive(value)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -21,7 +23,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--fuse-bn", action="store_true", help="fold every BatchNorm into its neighbour layer")
     p.add_argument("--batch", type=_batch, default=None, metavar="dynamic|N",
                    help="batch dimension: dynamic (default) or a fixed size")
-    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the model's, 224)")
+    p.add_argument("--image-size", type=_positive, default=None, help="input side in pixels (default: the model's, 224)")
     return p.parse_args(argv)
 
 
