@@ -21,7 +21,10 @@ PUBLISHED = ("dwnet_tiny", "dynamic_dwnet_tiny", "dwnet_base", "dynamic_dwnet_ba
 RELEASES = "https://github.com/Atten4Vis/DemystifyLocalViT/releases/download/prerelease/"
 TRACER_KWARGS = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script's deprecation notice
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),  # torch.jit.script's deprecation notice
+    pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing:UserWarning"),  # torchvision's FYI
+]
 
 
 def randomized(model: DWNet, size: int = 64) -> DWNet:

@@ -97,3 +97,21 @@ def test_load_backbone_reports_what_it_left_and_refuses_a_foreign_checkpoint(ref
     dynamic = create_model("dynamic_dwnet_nano", embed_dim=24, depths=(1, 1, 2, 1))
     with pytest.raises(CheckpointMismatchError, match="dynamic vs static"):
         load_backbone(dynamic, state, str(path))
+
+
+def test_pretrained_true_fetches_the_release_url_and_loads_the_official_format(monkeypatch):
+    """No network in tests: the download is replaced by a file of the released layout."""
+    import timm.models._builder as builder
+
+    torch.manual_seed(1)
+    released = timm.create_model("dwnet_tiny").state_dict()
+    fetched = []
+
+    def fake_download(url, **kwargs):
+        fetched.append(url)
+        return {"model": released, "epoch": 299, "max_accuracy": 81.2}  # the release file's layout
+
+    monkeypatch.setattr(builder, "load_state_dict_from_url", fake_download)
+    model = timm.create_model("dwnet_tiny", pretrained=True)
+    assert fetched == ["https://github.com/Atten4Vis/DemystifyLocalViT/releases/download/prerelease/dwnet_tiny_224.pth"]
+    assert all(torch.equal(v, released[k]) for k, v in model.state_dict().items())
