@@ -29,9 +29,9 @@ $(STAMP): pyproject.toml Makefile
 	@echo "[setup] installing numpy/cython build prerequisites for ffcv"
 	@$(PIP) numpy cython pkgconfig $(QUIET)
 	@echo "[setup] installing dwnet-ds and its dependencies (DS_BUILD_OPS=0)"
-	@$(PIP) --no-build-isolation -e '.[dev]' $(QUIET)
-	@$(PY) -c "import torch, torchvision, timm, deepspeed, ffcv, mpi4py, yaml; from importlib.metadata import version as v; \
-	  print('[setup] ok:', ', '.join(f'{p} {v(p)}' for p in ('torch', 'torchvision', 'timm', 'deepspeed', 'ffcv', 'mpi4py')))" $(QUIET)
+	@$(PIP) --no-build-isolation -e '.[dev,deploy]' $(QUIET)
+	@$(PY) -c "import torch, torchvision, timm, deepspeed, ffcv, mpi4py, yaml, onnx, onnxruntime; from importlib.metadata import version as v; \
+	  print('[setup] ok:', ', '.join(f'{p} {v(p)}' for p in ('torch', 'torchvision', 'timm', 'deepspeed', 'ffcv', 'mpi4py', 'onnxruntime')))" $(QUIET)
 	@touch $(STAMP)
 
 test: setup

@@ -85,7 +85,7 @@ def evaluate(cfg, args: argparse.Namespace, env, device) -> int:
     import torch
 
     from dwnet.data import build_val_loader
-    from dwnet.engine import build_model
+    from dwnet.models import build_model
     from dwnet.engine.checkpointing import checkpoint_root
     from dwnet.engine.export import consolidated_state_dict, resolve_tag
     from dwnet.engine.metrics import evaluate as run_eval
@@ -117,7 +117,7 @@ def evaluate(cfg, args: argparse.Namespace, env, device) -> int:
 def throughput(cfg, device, rank: int) -> int:
     import torch
 
-    from dwnet.engine import build_model
+    from dwnet.models import build_model
     from dwnet.engine.throughput import measure_throughput
     from dwnet.engine.trainer import DTYPES
 

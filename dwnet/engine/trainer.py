@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import deepspeed
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -22,8 +21,7 @@ from tqdm import tqdm
 
 import dwnet.models  # noqa: F401  (registers the models)
 from dwnet.config import ConfigError, RunConfig, global_batch_size
-from dwnet.models import load_checkpoint, read_state_dict
-from dwnet.models.sync_batchnorm import convert_sync_batchnorm_fp32
+from dwnet.models import build_model
 
 from . import checkpointing
 from .ds_config import build_deepspeed_config
@@ -50,32 +48,6 @@ class Progress:
     precision: str = "fp32"
     fallbacks: int = 0
     history: list = field(default_factory=list)  # precision switches, for the record
-
-
-def build_model(cfg: RunConfig) -> nn.Module:
-    kwargs = {"num_classes": cfg.model.num_classes}
-    if cfg.model.drop_path_rate is not None:
-        kwargs["drop_path_rate"] = cfg.model.drop_path_rate
-    try:
-        model = timm.create_model(cfg.model.name, pretrained=False, **kwargs)
-    except RuntimeError as err:
-        raise ConfigError(f"model.name={cfg.model.name!r}: {err}; see `timm.list_models('*dwnet*')`") from err
-    if cfg.model.pretrained:
-        if cfg.model.pretrained_strict:
-            load_checkpoint(model, cfg.model.pretrained, strict=True)
-        else:
-            # Fine-tuning on another label set: take the backbone, keep the new head's init.
-            own = model.state_dict()
-            state = {k: v for k, v in read_state_dict(cfg.model.pretrained).items()
-                     if k in own and v.shape == own[k].shape}
-            model.load_state_dict(state, strict=False)
-    if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    if cfg.model.sync_bn:
-        model = convert_sync_batchnorm_fp32(model)
-    # model.channels_last is applied to the input batches only: activations follow the input's
-    # memory format, while parameters stay contiguous as DeepSpeed's flat buffers require.
-    return model
 
 
 class Trainer:

@@ -1,6 +1,8 @@
 """DWNet models, registered in timm's registry on import (`timm.create_model('dwnet_tiny')`)."""
-from .checkpoint import CheckpointMismatchError, load_checkpoint, load_state_dict_checked, read_state_dict
+from .checkpoint import (CheckpointMismatchError, load_backbone, load_checkpoint, load_state_dict_checked,
+                         read_state_dict)
 from .dwnet import DWNet, DWNetBlock, DWNetStage, DepthwiseConvMixer, checkpoint_filter_fn
+from .factory import build_model, create_model
 from .flops import count_macs, count_parameters
 from .fusion import fuse_batchnorm
 from .layers import BatchNormFP32, DynamicDepthwiseConv2d
@@ -9,16 +11,8 @@ PUBLISHED_MODELS = ("dwnet_tiny", "dynamic_dwnet_tiny", "dwnet_base", "dynamic_d
 
 __all__ = [
     "DWNet", "DWNetBlock", "DWNetStage", "DepthwiseConvMixer", "BatchNormFP32", "DynamicDepthwiseConv2d",
-    "CheckpointMismatchError", "load_checkpoint", "load_state_dict_checked", "read_state_dict", "checkpoint_filter_fn",
-    "count_macs", "count_parameters", "fuse_batchnorm", "create_model", "PUBLISHED_MODELS",
+    "CheckpointMismatchError", "load_backbone", "load_checkpoint", "load_state_dict_checked", "read_state_dict",
+    "checkpoint_filter_fn",
+    "count_macs", "count_parameters", "fuse_batchnorm", "create_model", "build_model", "PUBLISHED_MODELS",
 ]
 
-
-def create_model(name: str, checkpoint: str | None = None, strict: bool = True, **kwargs) -> DWNet:
-    """`timm.create_model(name, **kwargs)`, then loads a released/exported checkpoint if given."""
-    import timm
-
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    if checkpoint:
-        load_checkpoint(model, checkpoint, strict=strict)
-    return model

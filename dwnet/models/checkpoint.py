@@ -38,8 +38,33 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
 
     With strict=True a mismatch raises CheckpointMismatchError naming the missing, unexpected and
     wrongly-shaped keys, which usually means the wrong model name or number of classes.
+    With strict=False only the tensors whose name and shape fit are loaded (`load_backbone`).
     """
-    return load_state_dict_checked(model, read_state_dict(path), str(path), strict)
+    state_dict = read_state_dict(path)
+    if strict:
+        return load_state_dict_checked(model, state_dict, str(path), strict=True)
+    load_backbone(model, state_dict, str(path))
+    return model
+
+
+def load_backbone(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Loads every tensor of `state_dict` whose name and shape match `model` (the backbone, for
+    fine-tuning on another label set); the rest of `model` keeps its initialisation.
+
+    Returns the model's keys left as they were. Raises CheckpointMismatchError when under half of
+    the backbone's weights fit: that is a checkpoint of another architecture, not another head.
+    """
+    own = model.state_dict()
+    fitting = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    backbone = {k: p.numel() for k, p in model.named_parameters() if not k.startswith(f"{classifier}.")}
+    loaded = sum(n for k, n in backbone.items() if k in fitting)
+    if loaded * 2 < sum(backbone.values()):
+        raise CheckpointMismatchError(
+            f"{source}: only {loaded:,} of {sum(backbone.values()):,} backbone weights of {type(model).__name__} "
+            "fit by name and shape; check the model name (dynamic vs static, tiny vs base)")
+    model.load_state_dict(fitting, strict=False)
+    return [k for k in own if k not in fitting]
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,

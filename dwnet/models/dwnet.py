@@ -7,18 +7,15 @@ Module and parameter names match the released checkpoints, so those load with st
 Feature maps are NCHW throughout; channels_last memory format makes the per-block permutes for
 the token-wise MLP free.
 """
-from __future__ import annotations
-
-from typing import Callable
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, register_model
-from timm.models._features import feature_take_indices
-from timm.models._registry import generate_default_cfgs
+from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices  # timm's own model files import it from here
 
-from .layers import BatchNormFP32, ChannelsLastLayerNorm, DynamicDepthwiseConv2d, PatchEmbed, PatchMerging
+from .layers import BatchNormFP32, DynamicDepthwiseConv2d, PatchEmbed, PatchMerging
 
 __all__ = ["DWNet", "DWNetBlock", "DepthwiseConvMixer", "DWNetStage", "checkpoint_filter_fn"]
 
@@ -119,7 +116,7 @@ class DWNet(nn.Module):
         self.drop_rate = drop_rate
         self.dynamic = dynamic
         self.grad_checkpointing = False
-        num_stages = len(depths)
+        num_stages = self.num_stages = len(depths)
         dims = [embed_dim * 2 ** i for i in range(num_stages)]
         self.num_features = self.head_hidden_size = dims[-1]
 
@@ -133,9 +130,12 @@ class DWNet(nn.Module):
             self.layers.append(DWNetStage(
                 dims[i], depth, rates[first:first + depth], downsample=i < num_stages - 1,
                 kernel_size=kernel_size, mlp_ratio=mlp_ratio, dynamic=dynamic, norm_layer=norm_layer))
-            # Stage i's blocks run at stride patch_size * 2**i; its merging belongs to the next scale.
-            self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f"layers.{i}"))
-        self.norm = ChannelsLastLayerNorm(self.num_features)
+            # Stage i's feature map is its blocks' output (stride patch_size * 2**i); the patch
+            # merging that ends the stage belongs to the next scale. Hook and FX feature
+            # extraction take the named module's output, so name the blocks.
+            self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i,
+                                          module=f"layers.{i}.blocks"))
+        self.norm = LayerNorm2d(self.num_features, eps=1e-5)  # torch's default eps, as released
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
@@ -177,7 +177,7 @@ class DWNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("avg", ""):
@@ -188,31 +188,35 @@ class DWNet(nn.Module):
             self._init_weights(self.head)
 
     def forward_intermediates(
-            self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+            self, x: torch.Tensor, indices: Optional[Union[int, list[int]]] = None, norm: bool = False,
             stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
         """Stage outputs before each patch merging (strides 4, 8, 16, 32), for dense tasks.
 
-        `norm=True` applies the final LayerNorm to the last stage's map, as the classifier sees it.
+        `indices`: which stages (an int n = the last n). `norm=True` applies the final LayerNorm to
+        the last stage's map, as the classifier sees it. `stop_early` runs only up to the last
+        stage asked for; the returned final map is then that stage's output (not normalised, as
+        the final LayerNorm is sized for the last stage).
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt={output_fmt!r}: use 'NCHW' or 'NHWC'")
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        last = len(self.layers) - 1
+        stages = self.layers[:max_index + 1] if (stop_early or intermediates_only) else self.layers
+        final_stage = self.num_stages - 1
         intermediates = []
         x = self.patch_embed(x)
-        stages = self.layers[:max_index + 1] if (stop_early or intermediates_only) else self.layers
         for i, stage in enumerate(stages):
             x = stage.forward_blocks(x)
             if i in take_indices:
-                feat = self.norm(x) if (norm and i == last) else x
+                feat = self.norm(x) if (norm and i == final_stage) else x
                 intermediates.append(feat.permute(0, 2, 3, 1) if output_fmt == "NHWC" else feat)
-            x = stage.downsample(x)
+            if i < len(stages) - 1:  # no merging after the last stage run
+                x = stage.downsample(x)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return (self.norm(x) if len(stages) - 1 == final_stage else x), intermediates
 
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+    def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
         """Drops the stages (and optionally norm/head) that `indices` do not need."""
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
@@ -253,24 +257,34 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
 
 
 # ---- registry -------------------------------------------------------------------------------
-def _cfg(**overrides) -> dict:
+_RELEASES = "https://github.com/Atten4Vis/DemystifyLocalViT/releases/download/prerelease/"
+
+
+def _cfg(url: str = "", **overrides) -> dict:
+    # The released models were evaluated as the published recipe says: bicubic resize to 256,
+    # centre crop 224 (crop_pct 0.875), ImageNet mean/std.
     cfg = dict(
-        url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+        url=url, num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
         interpolation="bicubic", fixed_input_size=False, mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225), first_conv="patch_embed.proj", classifier="head", license="mit")
+        std=(0.229, 0.224, 0.225), first_conv="patch_embed.proj", classifier="head", license="mit",
+        paper_ids="arXiv:2106.04263", origin_url="https://github.com/Atten4Vis/DemystifyLocalViT")
     cfg.update(overrides)
     return cfg
 
 
+def _small_cfg() -> dict:
+    # Test / CPU-demo variants: no released weights; 10 classes at 64 px like the reference file.
+    return _cfg(num_classes=10, input_size=(3, 64, 64), pool_size=(2, 2))
+
+
 default_cfgs = generate_default_cfgs({
-    "dwnet_tiny.in1k": _cfg(),
-    "dynamic_dwnet_tiny.in1k": _cfg(),
-    "dwnet_base.in1k": _cfg(),
-    "dynamic_dwnet_base.in1k": _cfg(),
-    # Small variants for tests and the CPU demo; no released weights.
-    "dwnet_femto.untrained": _cfg(num_classes=10, input_size=(3, 64, 64), pool_size=(2, 2)),
-    "dwnet_nano.untrained": _cfg(num_classes=10, input_size=(3, 64, 64), pool_size=(2, 2)),
-    "dynamic_dwnet_nano.untrained": _cfg(num_classes=10, input_size=(3, 64, 64), pool_size=(2, 2)),
+    "dwnet_tiny.in1k": _cfg(_RELEASES + "dwnet_tiny_224.pth"),
+    "dynamic_dwnet_tiny.in1k": _cfg(_RELEASES + "dynamic_dwnet_tiny_224.pth"),
+    "dwnet_base.in1k": _cfg(_RELEASES + "dwnet_base_224.pth"),
+    "dynamic_dwnet_base.in1k": _cfg(_RELEASES + "dynamic_dwnet_base_224.pth"),
+    "dwnet_femto.untrained": _small_cfg(),
+    "dwnet_nano.untrained": _small_cfg(),
+    "dynamic_dwnet_nano.untrained": _small_cfg(),
 })
 
 
@@ -284,25 +298,52 @@ def _create_dwnet(variant: str, pretrained: bool = False, **kwargs) -> DWNet:
     )
 
 
-def _register(name: str, **arch) -> Callable[..., DWNet]:
-    def constructor(pretrained: bool = False, **kwargs) -> DWNet:
-        return _create_dwnet(name, pretrained=pretrained, **dict(arch, **kwargs))
-
-    constructor.__name__ = name
-    constructor.__qualname__ = name
-    constructor.__doc__ = f"{name}: {arch}"
-    constructor.__module__ = __name__
-    return register_model(constructor)
+# The four published models (exact sizes in DWNET.md and tests/test_models.py), then small
+# variants for tests and CPU runs. Keyword arguments override the architecture defaults.
+@register_model
+def dwnet_tiny(pretrained: bool = False, **kwargs) -> DWNet:
+    """DWNet-T: 96-dim, depths 2-2-6-2, static 7x7 depth-wise convs."""
+    arch = dict(embed_dim=96, depths=(2, 2, 6, 2), drop_path_rate=0.2)
+    return _create_dwnet("dwnet_tiny", pretrained, **dict(arch, **kwargs))
 
 
-# The four published models (parameter counts in tests/test_models.py) and small variants.
-dwnet_tiny = _register("dwnet_tiny", embed_dim=96, depths=(2, 2, 6, 2), drop_path_rate=0.2)
-dynamic_dwnet_tiny = _register("dynamic_dwnet_tiny", embed_dim=96, depths=(2, 2, 6, 2),
-                               drop_path_rate=0.2, dynamic=True)
-dwnet_base = _register("dwnet_base", embed_dim=128, depths=(2, 2, 18, 2), drop_path_rate=0.5)
-dynamic_dwnet_base = _register("dynamic_dwnet_base", embed_dim=128, depths=(2, 2, 18, 2),
-                               drop_path_rate=0.5, dynamic=True)
-dwnet_femto = _register("dwnet_femto", embed_dim=24, depths=(1, 1, 2, 1), drop_path_rate=0.0)
-dwnet_nano = _register("dwnet_nano", embed_dim=32, depths=(1, 1, 3, 1), drop_path_rate=0.05)
-dynamic_dwnet_nano = _register("dynamic_dwnet_nano", embed_dim=32, depths=(1, 1, 3, 1),
-                               drop_path_rate=0.05, dynamic=True)
+@register_model
+def dynamic_dwnet_tiny(pretrained: bool = False, **kwargs) -> DWNet:
+    """Dynamic DWNet-T: as DWNet-T with per-sample generated depth-wise kernels."""
+    arch = dict(embed_dim=96, depths=(2, 2, 6, 2), drop_path_rate=0.2, dynamic=True)
+    return _create_dwnet("dynamic_dwnet_tiny", pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def dwnet_base(pretrained: bool = False, **kwargs) -> DWNet:
+    """DWNet-B: 128-dim, depths 2-2-18-2."""
+    arch = dict(embed_dim=128, depths=(2, 2, 18, 2), drop_path_rate=0.5)
+    return _create_dwnet("dwnet_base", pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def dynamic_dwnet_base(pretrained: bool = False, **kwargs) -> DWNet:
+    """Dynamic DWNet-B: as DWNet-B with per-sample generated depth-wise kernels."""
+    arch = dict(embed_dim=128, depths=(2, 2, 18, 2), drop_path_rate=0.5, dynamic=True)
+    return _create_dwnet("dynamic_dwnet_base", pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def dwnet_femto(pretrained: bool = False, **kwargs) -> DWNet:
+    """24-dim, depths 1-1-2-1: the layout of the reference checkpoint in tests/data/."""
+    arch = dict(embed_dim=24, depths=(1, 1, 2, 1), drop_path_rate=0.0)
+    return _create_dwnet("dwnet_femto", pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def dwnet_nano(pretrained: bool = False, **kwargs) -> DWNet:
+    """32-dim, depths 1-1-3-1."""
+    arch = dict(embed_dim=32, depths=(1, 1, 3, 1), drop_path_rate=0.05)
+    return _create_dwnet("dwnet_nano", pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def dynamic_dwnet_nano(pretrained: bool = False, **kwargs) -> DWNet:
+    """32-dim, depths 1-1-3-1, dynamic depth-wise kernels."""
+    arch = dict(embed_dim=32, depths=(1, 1, 3, 1), drop_path_rate=0.05, dynamic=True)
+    return _create_dwnet("dynamic_dwnet_nano", pretrained, **dict(arch, **kwargs))

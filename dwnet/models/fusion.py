@@ -114,8 +114,9 @@ class FusedDWNetBlock(nn.Module):
         ))
 
     def _use_onednn(self, x: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() or torch.jit.is_scripting():
-            # Inductor lowers these ops only for frozen weights; it fuses the eager ops itself.
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_scripting():
+            # Inductor lowers these ops only for frozen weights and fuses the eager ops itself;
+            # an exported program (ONNX, .pt2) must hold portable ops only.
             return False
         return (self.onednn_ok and x.device.type == "cpu" and x.dtype == torch.float32
                 and not torch.is_grad_enabled() and torch.backends.mkldnn.enabled)

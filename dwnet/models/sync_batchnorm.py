@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 # The autograd function behind nn.SyncBatchNorm (stats all-gather, fused backward reduce); its
 # kernels take reduced-precision input with fp32 weights, as under autocast.
 from torch.nn.modules._functions import SyncBatchNorm as _SyncBatchNormFunction
@@ -22,6 +21,8 @@ class SyncBatchNormFP32(nn.SyncBatchNorm):
     """nn.SyncBatchNorm whose running statistics stay fp32 under `.bfloat16()` and whose affine
     parameters enter the kernels as fp32; the output has the input's dtype."""
 
+    update_batch_count = BatchNormFP32.update_batch_count  # the same bookkeeping (no super() inside)
+
     def _apply(self, fn, recurse=True):
         # `.bfloat16()` on the whole model must not degrade the running statistics.
         super()._apply(fn, recurse)
@@ -32,14 +33,13 @@ class SyncBatchNormFP32(nn.SyncBatchNorm):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        momentum = BatchNormFP32._momentum(self)
-        batch_stats = self.training or not self.track_running_stats
         group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
         world_size = dist.get_world_size(group) if group is not None else 1
-        if not (self.training and batch_stats and world_size > 1):
-            return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, batch_stats, momentum, self.eps)
+        if not (self.training and world_size > 1):  # nothing to synchronise: BatchNormFP32's kernel
+            return BatchNormFP32.forward(self, x)
+        momentum = self.update_batch_count()
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
         return _SyncBatchNormFunction.apply(x, weight, bias, self.running_mean, self.running_var, self.eps, momentum,
                                             group, world_size)
 

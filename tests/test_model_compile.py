@@ -1,0 +1,57 @@
+"""torch.compile gives the eager model's numbers (fp32, 1e-5) and needs no graph breaks.
+
+Compiling is slow on CPU (tens of seconds per graph), so these use the smallest DWNet layout
+(one block per stage); the code paths are those of every registered model.
+"""
+import copy
+
+import pytest
+import torch
+
+from dwnet.models import DWNet
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def one_compile_thread():
+    # On a 2-core machine a pool of compile workers costs more than it saves.
+    with torch._inductor.config.patch(compile_threads=1):
+        yield
+
+
+def smallest(dynamic: bool) -> DWNet:
+    torch.manual_seed(0)
+    return DWNet(embed_dim=16, depths=(1, 1, 1, 1), num_classes=10, dynamic=dynamic, drop_path_rate=0.0)
+
+
+def test_compile_fullgraph_train_step_matches_eager():
+    """Forward, gradients and BatchNorm running statistics of one training step."""
+    eager = smallest(dynamic=False).train()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x = torch.randn(4, 3, 64, 64)  # 4 x 2 x 2 values per channel in the last BatchNorm: well-posed
+
+    expected, got = eager(x), compiled(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    expected.logsumexp(dim=1).sum().backward()
+    got.logsumexp(dim=1).sum().backward()
+    # Gradients that are zero in exact arithmetic (a bias right before a BatchNorm) are rounding
+    # noise in both: compare every gradient on the scale of the largest one.
+    scale = max(p.grad.abs().max().item() for p in eager.parameters())
+    for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5 * scale, rtol=1e-4, msg=name)
+    for (name, b), c in zip(compiled_model.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_fullgraph_eval_matches_eager(dynamic):
+    model = smallest(dynamic)
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(8, 3, 64, 64) * 2 + 0.5)  # non-trivial running statistics
+        model.eval()
+        compiled = torch.compile(model, fullgraph=True)
+        x = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
