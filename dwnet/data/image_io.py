@@ -78,7 +78,7 @@ def _to_rgb(img: Image.Image, path: str) -> tuple[Image.Image, str]:
         raise ImageReadError("corrupt", f"image has size {img.width}x{img.height}")
     mode = img.mode
     if mode == "RGB":
-        rgb = img.copy()
+        rgb = img  # load() has read the pixels; leaving the `with` only closes the file (no copy needed)
     elif mode in _HIGH_DEPTH:
         rgb = Image.fromarray(_to_uint8(np.asarray(img), mode)).convert("RGB")
         notes.append(f"{mode}->RGB (rescaled to 8 bits)")
