@@ -12,8 +12,6 @@ sample index, and the metadata and allocation tables are sorted by it when the f
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, TYPE_ID_HANDLER, \
@@ -72,13 +70,14 @@ class BetonWriter:
 
     def _flush_page(self) -> None:
         if self.page_used:
-            self.fh.write(self.page.tobytes())  # whole pages, as ffcv's reader loads them
-            self.page.fill(0)
+            self.page[self.page_used:] = 0   # the unused tail (earlier pages' bytes must not leak into it)
+            self.fh.write(self.page.data)     # whole pages, as ffcv's reader loads them
             self.page_index += 1
             self.page_used = 0
 
     def finish(self) -> int:
-        """Writes the last page, the tables and the header, and fsyncs; returns the sample count."""
+        """Writes the last page, the tables and the header; returns the sample count. (Not synced:
+        the caller installs the file with `dwnet.atomic_io.install`, which does that.)"""
         self._flush_page()
         sort = np.argsort(self.order[:self.count], kind="stable")
         # reorder whole rows as bytes: a structured copy would leave the alignment padding uninitialised
@@ -100,5 +99,4 @@ class BetonWriter:
         self.fh.seek(0)
         self.fh.write(header.tobytes() + descriptors.tobytes() + metadata.tobytes())
         self.fh.flush()
-        os.fsync(self.fh.fileno())
         return self.count

@@ -92,13 +92,14 @@ def page_size_for(largest: tuple[int, int], max_resolution: int | None) -> int:
 
 def write_split(final_path: str, samples: Sequence[tuple[str, int]], keys: Sequence[str], options: WriteOptions,
                 *, candidates: Sequence[int] | None = None, want: int = 0, strict: bool = False,
-                desc: str = "convert") -> SplitResult:
+                already_skipped: int = 0, desc: str = "convert") -> SplitResult:
     """Encodes samples [(path, label)] and writes the usable ones to `final_path`, in sample order.
 
     `keys[i]` names sample i for the seeded JPEG/raw draw (its path relative to the split root).
     `candidates` is the order to try samples in (default: all, in order); with `want` > 0 it stops
     once `want` samples were written, topping up past unusable files. With `strict`, any unusable
-    file leaves the split unwritten. Raises ConvertError (one line) if the output cannot be written."""
+    file (or `already_skipped` > 0: files the scan rejected) leaves the split uninstalled.
+    Raises ConvertError (one line) if the output cannot be written."""
     order = list(range(len(samples))) if candidates is None else list(candidates)
     want = min(want or len(order), len(order))
     result = SplitResult(final_path)
@@ -108,7 +109,7 @@ def write_split(final_path: str, samples: Sequence[tuple[str, int]], keys: Seque
     tmp = temp_name(final_path)
     start = time.monotonic()
     try:
-        with _encoder_pool(options) as encode:
+        with _encoder_pool(options, want) as encode:
             largest = (options.max_resolution,) * 2 if options.max_resolution else \
                 _largest_size([samples[i][0] for i in order[:max(want, 1)]])
             with BetonWriter(tmp, want, page_size_for(largest, options.max_resolution)) as writer:
@@ -129,7 +130,7 @@ def write_split(final_path: str, samples: Sequence[tuple[str, int]], keys: Seque
                 bar.close()
                 result.written = writer.finish()
         result.seconds = time.monotonic() - start
-        if result.written == 0 or (strict and result.failed):
+        if result.written == 0 or (strict and (result.failed or already_skipped)):
             _remove(tmp)
             return result
         install(tmp, final_path)  # the only step that makes the file visible under its name (durably)
@@ -147,12 +148,13 @@ def write_split(final_path: str, samples: Sequence[tuple[str, int]], keys: Seque
 
 
 @contextlib.contextmanager
-def _encoder_pool(options: WriteOptions) -> Iterator:
-    """A function [(path, key)] -> [Encoded] (in order, lazily) over `options.num_workers` processes."""
-    if options.num_workers <= 1:
+def _encoder_pool(options: WriteOptions, total: int) -> Iterator:
+    """A function [(path, key)] -> [Encoded] (in order, lazily) over `options.num_workers` processes.
+    Even one worker is a separate process: this one then writes while that one decodes."""
+    if total < 64:  # not worth starting processes
         yield lambda tasks: map(Encoder(options), tasks)
         return
-    with multiprocessing.get_context("fork").Pool(options.num_workers, initializer=_start_worker,
+    with multiprocessing.get_context("fork").Pool(max(1, options.num_workers), initializer=_start_worker,
                                                   initargs=(options,)) as pool:
         def encode(tasks: list) -> Iterator[Encoded]:
             chunk = max(1, min(32, len(tasks) // (options.num_workers * 4)))

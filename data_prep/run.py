@@ -115,14 +115,10 @@ def _convert_split(request: ConvertRequest, split: str, root: str, class_to_idx:
     summary.found_images = len(tree.samples)
     summary.skipped.extend(tree.problems)
     summary.other = len(tree.problems)
-    if request.strict and tree.problems:  # known before decoding anything
-        write_report(summary)
-        summary.status = "failed"
-        return summary
     keys = [os.path.relpath(path, root) for path, _ in tree.samples]  # seeds the JPEG/raw draw per image
     candidates = round_robin(tree.samples) if request.subset > 0 else None
     result = write_split(final, tree.samples, keys, request.options, candidates=candidates, want=request.subset,
-                         strict=request.strict, desc=f"convert {split}")
+                         strict=request.strict, already_skipped=len(tree.problems), desc=f"convert {split}")
     summary.skipped.extend(Problem(tree.samples[i][0], r.reason, r.detail) for i, r in sorted(result.failed.items()))
     summary.converted.update(result.converted)
     summary.seconds, summary.written, summary.bytes = result.seconds, result.written, result.bytes
