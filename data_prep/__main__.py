@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="smart mode: raw size in bytes above which an image is stored as JPEG")
     run = conv.add_argument_group("run")
     run.add_argument("--num-workers", type=int, default=os.cpu_count() or 1,
-                     help="processes decoding and encoding images (the output does not depend on it)")
+                     help="threads decoding and encoding images (the output does not depend on it)")
     run.add_argument("--subset", type=int, default=0,
                      help="write only N images per split (0: all), taken deterministically class by class in "
                           "turn (first image of every class, then the second, ...), topped up past bad files")

@@ -1,5 +1,5 @@
 """A .beton writer that lays records out in a fixed order, so a conversion is byte-for-byte
-reproducible whatever the number of worker processes.
+reproducible whatever the number of workers.
 
 ffcv's DatasetWriter lets each worker process claim pages as it goes, so where a record lands (and
 how many half-empty last pages there are) depends on scheduling and on the worker count. Here the

@@ -1,9 +1,9 @@
-"""Turning one image file into the bytes of its .beton record, in a worker process: decode once,
+"""Turning one image file into the bytes of its .beton record, in a worker thread: decode once,
 check, resize and encode in one go (the check and the conversion share that one decode).
 
 The pixels and record bytes are ffcv's own: the file's decoded RGB array goes through ffcv's
 `RGBImageField.encode` (its resize and JPEG encoder) with a malloc that just captures the bytes;
-the main process then places them in the file (`beton_writer.py`).
+the writer then places them in the file (`beton_writer.py`).
 
 `--write-mode proportion` JPEG-compresses a random share of the images. ffcv draws that with the
 unseeded global numpy generator, so two conversions of one tree differ; here the draw is a hash of
@@ -60,7 +60,7 @@ def jpeg_draw(seed: int, key: str) -> float:
 
 
 class Encoder:
-    """Callable for a worker pool: (path, key) -> Encoded, `key` being the file's stable name."""
+    """Callable for the worker threads: (path, key) -> Encoded, `key` being the file's stable name."""
 
     def __init__(self, options: WriteOptions) -> None:
         self.options = options
@@ -70,7 +70,7 @@ class Encoder:
     def __call__(self, task: tuple[str, str]) -> Encoded:
         path, key = task
         try:
-            image, note = load_rgb(path)
+            image, note = load_rgb(path, silence_warnings=False)  # write_split silences them for all threads
             pixels = np.asarray(image)
             width, height = image.width, image.height
             del image
