@@ -157,18 +157,16 @@ def local_report(rank: int, required_files: list[str], writable_dirs: list[str],
                  beton_files: dict[str, str] | None = None) -> RankReport:
     report = RankReport(rank=rank, host=socket.gethostname())
     try:
-        missing = set()
-        for path in [p for p in [*required_files, *(beton_files or {}).values()] if p]:
-            if path in missing:
-                continue
+        unusable = set()
+        for path in dict.fromkeys(p for p in [*required_files, *(beton_files or {}).values()] if p):
             if not os.path.exists(path):
                 report.problems.append(f"missing {path}")
-                missing.add(path)
+                unusable.add(path)
             elif not os.access(path, os.R_OK):
                 report.problems.append(f"cannot read {path}")
-                missing.add(path)
+                unusable.add(path)
         for key, path in (beton_files or {}).items():
-            problem = _check_beton(key, path) if path and path not in missing else None
+            problem = _check_beton(key, path) if path and path not in unusable else None
             if problem:
                 report.problems.append(problem)
         for directory in [d for d in writable_dirs if d]:

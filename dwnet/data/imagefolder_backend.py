@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ def _unreadable(path: str, err: Exception) -> str:
             "with `python -m data_prep convert`, which skips and lists bad files")
 
 
-def _raise_unreadable(messages) -> None:
+def _raise_unreadable(messages: Sequence[str]) -> None:
     bad = [message for message in messages if message]
     if bad:
         raise DataError(bad[0] + (f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""))
