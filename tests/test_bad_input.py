@@ -51,6 +51,7 @@ def train_args(train: Path | str, val: Path | str, run_dir: Path, *extra: str) -
 
 
 # ---- a cut-short or foreign .beton ---------------------------------------------------------------
+@pytest.mark.slow  # train.py through init_distributed: ~10 s
 def test_cut_short_train_beton_stops_training_in_one_line(digits_betons, tmp_path):
     train = tmp_path / "train.beton"
     data = (digits_betons / "train.beton").read_bytes()
@@ -64,6 +65,7 @@ def test_cut_short_train_beton_stops_training_in_one_line(digits_betons, tmp_pat
     assert not (tmp_path / "run" / "checkpoints").exists()          # stopped before any training work
 
 
+@pytest.mark.slow  # train.py through init_distributed: ~10 s
 def test_foreign_val_file_stops_eval_in_one_line(digits_betons, tmp_path):
     val = tmp_path / "val.beton"
     val.write_text("these are not the images you are looking for\n" * 20)
@@ -91,6 +93,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "FAILED: ConfigError: augment.mixup=-1.0 must be >= 0" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # train.py through init_distributed: ~10 s
 def test_batch_larger_than_the_data_is_one_config_line(digits_betons, tmp_path):
     before = digest(digits_betons)
     result = run(train_args(digits_betons / "train.beton", digits_betons / "val.beton", tmp_path / "run",
@@ -102,6 +105,7 @@ def test_batch_larger_than_the_data_is_one_config_line(digits_betons, tmp_path):
 
 
 # ---- the imagefolder backend meets an unreadable image ------------------------------------------------
+@pytest.mark.slow  # train.py through init_distributed: ~10 s
 def test_imagefolder_names_the_unreadable_image_in_its_last_line(tmp_path):
     root = tmp_path / "tree"
     write_digits_tree(root / "train", 0, 64)
