@@ -9,7 +9,6 @@ under the imagefolder backend.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import sys
 from pathlib import Path
