@@ -253,6 +253,25 @@ def test_unreadable_folder_is_reported(tmp_path):
         locked.chmod(0o755)
 
 
+def test_disk_full_while_writing_keeps_the_old_file(digits_root, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from data_prep.beton_writer import BetonWriter
+
+    args = ["convert", "--val-root", str(digits_root / "val"), "--out", str(tmp_path), "--num-workers", "1"]
+    assert main(args) == 0
+    before = (tmp_path / "val.beton").read_bytes()
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(BetonWriter, "_flush_page", full)
+    assert main(args + ["--overwrite", "--write-mode", "raw"]) == 1
+    line = one_line_error(capsys)
+    assert f"{tmp_path / 'val.beton'}: writing failed (No space left on device)" in line
+    assert (tmp_path / "val.beton").read_bytes() == before and not list(tmp_path.glob(".val.beton.tmp.*"))
+
+
 def test_empty_tree_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "train").mkdir()
     assert main(["convert", "--train-root", str(tmp_path / "train"), "--out", str(tmp_path / "out")]) == 1
@@ -279,7 +298,7 @@ def test_help_explains_options():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     for option in ("--root", "--train-root", "--val-root", "--max-resolution", "--jpeg-quality",
-                   "--compress-probability", "--write-mode", "--num-workers", "--subset", "--strict"):
+                   "--compress-probability", "--write-mode", "--seed", "--num-workers", "--subset", "--strict"):
         assert option in result.stdout
 
 
