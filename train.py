@@ -55,12 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.throughput:
         return throughput(cfg, device, env.rank)
     if args.eval:
+        if args.preflight:
+            from dwnet.preflight import preflight_betons, run_preflight
+
+            run_preflight(required_files=[cfg.data.val_path], writable_dirs=[],
+                          beton_files=preflight_betons(cfg, splits=("val",)))
         return evaluate(cfg, args, env, device)
     if args.preflight:
-        from dwnet.preflight import run_preflight
+        from dwnet.preflight import preflight_betons, run_preflight
 
         required = [p for p in (cfg.data.train_path, cfg.data.val_path) if p]
-        run_preflight(required_files=required, writable_dirs=[cfg.checkpoint.dir])
+        run_preflight(required_files=required, writable_dirs=[cfg.checkpoint.dir], beton_files=preflight_betons(cfg))
     from dwnet.engine import Trainer
 
     trainer = Trainer(cfg, env.rank, env.world_size, device)

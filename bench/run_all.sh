@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark with defaults sized for a small CPU machine (2 cores: ~10 minutes in all).
+# Every benchmark with defaults sized for a small CPU machine (2 cores: ~13 minutes in all).
 # Usage: bench/run_all.sh [> bench/my_results.txt]     GPU: see bench/RESULTS.md, "GPU (device tool)".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,3 +13,4 @@ run "$PY" bench/model.py --batch 8 --repeats 5
 run "$PY" bench/zero_memory.py --world-sizes 2 4
 run "$PY" bench/scaling.py --rounds 3
 run "$PY" bench/loader.py --images 768 --rounds 3
+run "$PY" bench/data_prep.py --images 3000 --rounds 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 DESCRIPTION = """\
 Convert ImageFolder trees (<root>/<class>/<image>) to ffcv .beton files, and check .beton files.
@@ -22,10 +23,12 @@ def _parser() -> argparse.ArgumentParser:
     conv = commands.add_parser(
         "convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="write <out>/train.beton, <out>/val.beton and <out>/labels.json",
-        description="Scan the tree(s), decode every image in parallel to find unusable files (reported in "
-                    "<out>/skipped_<split>.tsv, never written), then write each split atomically "
-                    "(temporary name, renamed at the end). Class indices follow torchvision's ImageFolder "
-                    "(sorted folder names), saved as <out>/labels.json.")
+        description="Scan the tree(s), then decode every image once in parallel: unusable files are reported "
+                    "in <out>/skipped_<split>.tsv and never written, the others are resized, encoded and "
+                    "written. Each split is written atomically (temporary name, renamed at the end) and "
+                    "byte-for-byte reproducibly (same tree, options and --seed: same file, whatever "
+                    "--num-workers). Class indices follow torchvision's ImageFolder (sorted folder names), "
+                    "saved as <out>/labels.json.")
     src = conv.add_argument_group("input (use --root, or --train-root and/or --val-root)")
     src.add_argument("--root", help="folder holding train/ and val/ ImageFolder trees (whichever exist)")
     src.add_argument("--train-root", help="ImageFolder tree converted as the train split")
@@ -44,16 +47,20 @@ def _parser() -> argparse.ArgumentParser:
                           "only images above --smart-threshold bytes")
     fmt.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (1-100)")
     fmt.add_argument("--compress-probability", type=float, default=0.5, help="share JPEG-compressed in proportion mode")
+    fmt.add_argument("--seed", type=int, default=0,
+                     help="proportion mode: which images are JPEG is drawn per image from this seed and the "
+                          "file's path in the tree, so a conversion is reproducible")
     fmt.add_argument("--smart-threshold", type=int, default=256 * 256 * 3,
                      help="smart mode: raw size in bytes above which an image is stored as JPEG")
     run = conv.add_argument_group("run")
     run.add_argument("--num-workers", type=int, default=os.cpu_count() or 1,
-                     help="processes for checking and for writing")
+                     help="threads decoding and encoding images (the output does not depend on it)")
     run.add_argument("--subset", type=int, default=0,
                      help="write only N images per split (0: all), taken deterministically class by class in "
                           "turn (first image of every class, then the second, ...), topped up past bad files")
     run.add_argument("--strict", action="store_true",
-                     help="exit 1 without writing if any file had to be skipped (the report is still written)")
+                     help="exit 1 without installing the split if any file had to be skipped (the report is "
+                          "still written)")
     run.add_argument("--overwrite", action="store_true",
                      help="rewrite <split>.beton if it already exists (default: keep it and convert only "
                           "missing splits, so rerunning after an interruption finishes the job)")
@@ -89,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_args(parser, args)
     # heavy imports (torch, ffcv, numba) only once the arguments are known to be good
-    from .convert import ConvertError, WriteOptions
-    from .scan import ScanError
-    from .verify import VerifyError, verify_beton
+    from dwnet.errors import UserError, debug_tracebacks
+
+    from .convert import WriteOptions
+    from .verify import verify_beton
 
     try:
         if args.command == "verify":
@@ -103,12 +111,14 @@ def main(argv: list[str] | None = None) -> int:
 
         options = WriteOptions(max_resolution=args.max_resolution or None, write_mode=args.write_mode,
                                jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
-                               smart_threshold=args.smart_threshold, num_workers=args.num_workers)
+                               smart_threshold=args.smart_threshold, num_workers=args.num_workers, seed=args.seed)
         request = ConvertRequest(splits=resolve_splits(args.root, args.train_root, args.val_root, args.only),
                                  out=args.out, options=options, subset=args.subset, strict=args.strict,
-                                 overwrite=args.overwrite, check_workers=args.num_workers)
+                                 overwrite=args.overwrite)
         return convert(request)
-    except (ScanError, ConvertError, VerifyError) as err:
+    except UserError as err:  # bad input: one line (the traceback would only show where it was noticed)
+        if debug_tracebacks():
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

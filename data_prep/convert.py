@@ -1,73 +1,48 @@
-"""Writing one split's checked images into a .beton file, atomically.
+"""Writing one split into a .beton file: every image decoded once, in worker threads (decode,
+check, resize, encode: `encode.py`), the records laid out by one writer in a fixed order
+(`beton_writer.py`), the file installed atomically.
 
 The file is written under a temporary name in the output folder and renamed over the final name
-only when ffcv's writer has finished, so an interrupted run never leaves a partial `<split>.beton`;
-the next run removes the stale temporary file of a run that is gone and starts over.
+only when it is complete, so an interrupted run never leaves a partial `<split>.beton`; the next run
+removes the stale temporary file of a run that is gone and starts over.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
-import functools
 import glob
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
-import numpy as np
-from ffcv.fields import IntField, RGBImageField
-from ffcv.writer import DatasetWriter
+from tqdm import tqdm
 
 from dwnet.atomic_io import install
-from dwnet.data.image_io import ImageReadError, load_rgb
+from dwnet.data.image_io import pil_warnings_silenced
+from dwnet.errors import UserError
+
+from .beton_writer import BetonWriter
+from .encode import Encoded, Encoder, WriteOptions
+
+__all__ = ["ConvertError", "WriteOptions", "SplitResult", "write_split"]
 
 
-@dataclass
-class WriteOptions:
-    max_resolution: int | None = 500
-    write_mode: str = "proportion"
-    jpeg_quality: int = 90
-    compress_probability: float = 0.5
-    smart_threshold: int = 256 * 256 * 3
-    num_workers: int = 1
-
-
-@dataclass
-class WriteResult:
-    path: str
-    samples: int
-    seconds: float
-    bytes: int
-    late_failures: list[tuple[str, str]] = field(default_factory=list)
-
-
-class ConvertError(Exception):
+class ConvertError(UserError):
     """One-line reason the split could not be written."""
 
 
-class _CheckedImages:
-    """The indexable dataset ffcv's writer workers read: (uint8 HxWx3 array, label) per sample.
-
-    Files were decoded once already; if one changed since then, the worker must not raise (ffcv's
-    writer would wait forever for the dead worker), so it stores a gray placeholder and records the
-    file in `failures_path`; the caller then refuses to install the .beton."""
-
-    def __init__(self, samples: list[tuple[str, int]], failures_path: str) -> None:
-        self.samples = samples
-        self.failures_path = failures_path
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        path, label = self.samples[index]
-        try:
-            image, _ = load_rgb(path)
-            return np.asarray(image, dtype=np.uint8), label
-        except Exception as err:  # noqa: BLE001  (see class docstring)
-            reason = err.reason if isinstance(err, ImageReadError) else "corrupt"
-            with open(self.failures_path, "a") as fh:  # one short append per failure: atomic enough
-                fh.write(f"{path}\t{reason}: changed after it was checked\n")
-            return np.full((8, 8, 3), 128, dtype=np.uint8), label
+@dataclass
+class SplitResult:
+    path: str
+    written: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    installed: bool = False
+    failed: dict[int, Encoded] = field(default_factory=dict)     # sample index -> why it was skipped
+    converted: collections.Counter = field(default_factory=collections.Counter)  # note -> count
+    labels: collections.Counter = field(default_factory=collections.Counter)     # label -> written
 
 
 def temp_name(final_path: str) -> str:
@@ -86,42 +61,10 @@ def clean_stale(final_path: str) -> list[str]:
         if pid > 0 and pid != os.getpid() and _alive(pid):
             raise ConvertError(f"{final_path}: another conversion (pid {pid}) is writing it right now; "
                                "wait for it or stop it, then rerun")
-        if stale.endswith(".shm"):
-            _unlink_shared_memory(stale)
         with contextlib.suppress(FileNotFoundError):
             os.remove(stale)
         removed.append(stale)
     return removed
-
-
-def _unlink_shared_memory(note: str) -> None:
-    """ffcv's writer keeps its metadata table in POSIX shared memory; a killed run leaks it (it lives
-    in /dev/shm until reboot). The run noted the segment's name next to its temporary file."""
-    from multiprocessing import shared_memory
-
-    try:
-        with open(note) as fh:
-            name = fh.read().strip()
-        if name:
-            segment = shared_memory.SharedMemory(name=name)
-            segment.close()
-            segment.unlink()
-    except (OSError, ValueError):
-        pass
-
-
-class _Writer(DatasetWriter):
-    """ffcv's DatasetWriter, recording the name of its shared-memory segment in `shm_note`."""
-
-    def __init__(self, *args, shm_note: str, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.shm_note = shm_note
-
-    def prepare(self) -> None:
-        super().prepare()
-        with open(self.shm_note + ".part", "w") as fh:
-            fh.write(self.metadata_sm.name)
-        os.replace(self.shm_note + ".part", self.shm_note)
 
 
 def _alive(pid: int) -> bool:
@@ -134,84 +77,116 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def page_size_for(sizes: list[tuple[int, int]], max_resolution: int | None) -> int:
+def page_size_for(largest: tuple[int, int], max_resolution: int | None) -> int:
     """ffcv stores a sample within one page; pick a power of two that fits the largest raw image
     (ffcv's default 8 MiB is too small for raw images above ~1600x1600), starting from ffcv's minimum
-    2 MiB (each writer process pads its last page, so small pages keep small datasets small)."""
-    largest = 0
-    for width, height in sizes:
-        if max_resolution and max(width, height) > max_resolution:
-            ratio = max_resolution / max(width, height)
-            width, height = int(width * ratio), int(height * ratio)
-        largest = max(largest, width * height * 3)
+    2 MiB (the last page is padded, so small pages keep small datasets small)."""
+    width, height = largest
+    if max_resolution and max(width, height) > max_resolution:
+        ratio = max_resolution / max(width, height)
+        width, height = int(width * ratio), int(height * ratio)
     page = 1 << 21
-    while page < 2 * largest + (1 << 16):
+    while page < 2 * width * height * 3 + (1 << 16):
         page <<= 1
     return page
 
 
-def write_beton(final_path: str, samples: list[tuple[str, int]], sizes: list[tuple[int, int]],
-                options: WriteOptions, desc: str) -> WriteResult:
-    """Writes samples [(path, label)] to final_path via a temporary file; raises ConvertError."""
-    if not samples:
-        raise ConvertError(f"{final_path}: no usable images left to write")
+def write_split(final_path: str, samples: Sequence[tuple[str, int]], keys: Sequence[str], options: WriteOptions,
+                *, candidates: Sequence[int] | None = None, want: int = 0, strict: bool = False,
+                already_skipped: int = 0, desc: str = "convert") -> SplitResult:
+    """Encodes samples [(path, label)] and writes the usable ones to `final_path`, in sample order.
+
+    `keys[i]` names sample i for the seeded JPEG/raw draw (its path relative to the split root).
+    `candidates` is the order to try samples in (default: all, in order); with `want` > 0 it stops
+    once `want` samples were written, topping up past unusable files. With `strict`, any unusable
+    file (or `already_skipped` > 0: files the scan rejected) leaves the split uninstalled.
+    Raises ConvertError (one line) if the output cannot be written."""
+    order = list(range(len(samples))) if candidates is None else list(candidates)
+    want = min(want or len(order), len(order))
+    result = SplitResult(final_path)
+    if want == 0:
+        raise ConvertError(f"{final_path}: no images to write")
     clean_stale(final_path)
     tmp = temp_name(final_path)
-    failures = tmp + ".failures"
-    fields = {
-        "image": RGBImageField(write_mode=options.write_mode, max_resolution=options.max_resolution,
-                               smart_threshold=options.smart_threshold, jpeg_quality=options.jpeg_quality,
-                               compress_probability=options.compress_probability),
-        "label": IntField(),
-    }
     start = time.monotonic()
     try:
-        writer = _Writer(tmp, fields, page_size=page_size_for(sizes, options.max_resolution),
-                         num_workers=max(1, options.num_workers), shm_note=tmp + ".shm")
-        with _labelled_progress(desc):
-            writer.from_indexed_dataset(_CheckedImages(samples, failures), chunksize=32)
-        late = _read_failures(failures)
-        if late:
-            raise _LateFailures(late)
+        with pil_warnings_silenced(), _encoder_pool(options, want) as encode:
+            largest = (options.max_resolution,) * 2 if options.max_resolution else \
+                _largest_size([samples[i][0] for i in order])  # top-ups may reach any candidate
+            with BetonWriter(tmp, want, page_size_for(largest, options.max_resolution)) as writer:
+                bar = tqdm(total=want, desc=desc, unit="img", dynamic_ncols=True, smoothing=0.05)
+                position = 0
+                while writer.count < want and position < len(order):
+                    batch = order[position:position + want - writer.count]
+                    position += len(batch)
+                    for index, record in zip(batch, encode([(samples[i][0], keys[i]) for i in batch])):
+                        if record.ok:
+                            writer.add(index, samples[index][1], record)
+                            result.labels[samples[index][1]] += 1
+                            for note in filter(None, record.note.split("; ")):
+                                result.converted[note] += 1
+                        else:
+                            result.failed[index] = record
+                        bar.update(1)
+                bar.close()
+                result.written = writer.finish()
+        result.seconds = time.monotonic() - start
+        if result.written == 0 or (strict and (result.failed or already_skipped)):
+            _remove(tmp)
+            return result
         install(tmp, final_path)  # the only step that makes the file visible under its name (durably)
-    except _LateFailures as err:
-        _remove(tmp, failures, tmp + ".shm")
-        return WriteResult(final_path, 0, time.monotonic() - start, 0, late_failures=err.failures)
+    except OSError as err:
+        _remove(tmp)
+        raise ConvertError(f"{final_path}: writing failed ({err.strerror or err}); nothing was installed and the "
+                           "temporary file is removed; free space or fix permissions in that folder, or pass another "
+                           "--out") from None
     except BaseException:
-        _remove(tmp, failures, tmp + ".shm")  # Ctrl-C, errors: never leave the temporary behind
+        _remove(tmp)  # Ctrl-C, errors: never leave the temporary behind
         raise
-    _remove(failures, tmp + ".shm")
-    return WriteResult(final_path, len(samples), time.monotonic() - start, os.path.getsize(final_path))
+    result.installed = True
+    result.bytes = os.path.getsize(final_path)
+    return result
 
 
-class _LateFailures(Exception):
-    def __init__(self, failures: list[tuple[str, str]]) -> None:
-        self.failures = failures
+@contextlib.contextmanager
+def _encoder_pool(options: WriteOptions, total: int) -> Iterator:
+    """A function [(path, key)] -> [Encoded] (in order, lazily) over `options.num_workers` threads.
+
+    Threads, not processes: decoding (PIL), resizing and JPEG encoding (OpenCV) release the GIL, so
+    threads run them in parallel, and the records stay in this process. Worker processes would have
+    to pickle every record through a pipe to the writer (a raw 500x375 record is 560 kB), which on
+    a few cores cost more than the parallel work saved."""
+    encoder = Encoder(options)
+    if total < 64 or options.num_workers <= 1:
+        yield lambda tasks: map(encoder, tasks)
+        return
+    with concurrent.futures.ThreadPoolExecutor(options.num_workers, thread_name_prefix="encode") as pool:
+        def encode(tasks: list) -> Iterator[Encoded]:
+            window: collections.deque = collections.deque()
+            for task in tasks:  # a bounded window in flight: memory stays flat on any tree size
+                window.append(pool.submit(encoder, task))
+                if len(window) >= 4 * options.num_workers:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        yield encode
 
 
-def _read_failures(path: str) -> list[tuple[str, str]]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as fh:
-        return [tuple(line.rstrip("\n").split("\t", 1)) for line in fh if line.strip()]
+def _largest_size(paths: list[str]) -> tuple[int, int]:
+    """Width and height of the largest image by area, from the file headers (no decoding): the page
+    size must be known before the first record is placed. Unreadable files are ignored here."""
+    from PIL import Image
+
+    largest = (1, 1)
+    for path in paths:
+        with contextlib.suppress(Exception):
+            with Image.open(path) as image:
+                if image.width * image.height > largest[0] * largest[1]:
+                    largest = image.size
+    return largest
 
 
 def _remove(*paths: str) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
-
-
-@contextlib.contextmanager
-def _labelled_progress(desc: str):
-    """ffcv's writer draws a bare tqdm bar; give it a label and units so the user sees
-    '<desc>: 40%|... 1234/3000 [00:10<00:14, 120img/s]'."""
-    import ffcv.writer as ffcv_writer
-
-    original = ffcv_writer.tqdm
-    ffcv_writer.tqdm = functools.partial(original, desc=desc, unit="img", dynamic_ncols=True,
-                                         smoothing=0.05)
-    try:
-        yield
-    finally:
-        ffcv_writer.tqdm = original

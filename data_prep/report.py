@@ -14,7 +14,8 @@ from .scan import Problem
 @dataclass
 class SplitSummary:
     split: str
-    found: int = 0                       # candidate image files in the tree
+    found_images: int = 0                # files with an image extension in the class folders
+    other: int = 0                       # other entries the scan met (non-image files, unreadable folders)
     written: int = 0
     skipped: list[Problem] = field(default_factory=list)
     converted: collections.Counter = field(default_factory=collections.Counter)
@@ -45,8 +46,7 @@ def summary_lines(summary: SplitSummary) -> list[str]:
     if summary.status == "kept":
         return [f"{summary.split}: {summary.output} exists, kept (pass --overwrite to rewrite it)"]
     rate = summary.written / summary.seconds if summary.seconds > 0 else 0.0
-    head = (f"{summary.split}: {summary.found:,} image files found, {summary.written:,} written, "
-            f"{len(summary.skipped):,} skipped")
+    head = f"{summary.split}: " + ", ".join(_counts(summary))
     if summary.status == "failed":
         head += f" -> FAILED, {summary.output} not written"
     else:
@@ -62,6 +62,20 @@ def summary_lines(summary: SplitSummary) -> list[str]:
         lines.append(f"  warning: {len(summary.empty_classes)} classes have no usable image: "
                      + ", ".join(summary.empty_classes[:5]) + (" ..." if len(summary.empty_classes) > 5 else ""))
     return lines
+
+
+def _counts(summary: SplitSummary) -> list[str]:
+    """'N found (I image files, O other), W written, S skipped[, L left out by --subset]' with
+    N = W + S + L: every entry the scan met is accounted for exactly once."""
+    found = summary.found_images + summary.other
+    written = summary.written if summary.status != "failed" else 0
+    left_out = found - written - len(summary.skipped)
+    head = (f"{found:,} found ({summary.found_images:,} image files, {summary.other:,} other)" if summary.other
+            else f"{found:,} image files found")
+    parts = [head, f"{written:,} written", f"{len(summary.skipped):,} skipped"]
+    if left_out:
+        parts.append(f"{left_out:,} " + ("left out by --subset" if summary.status != "failed" else "not written"))
+    return parts
 
 
 def _human(size: float) -> str:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
+import tempfile
 from dataclasses import dataclass, field
 
 from dwnet.atomic_io import atomic_open
 
-from .convert import ConvertError, WriteOptions, write_beton
+from .convert import ConvertError, WriteOptions, write_split
 from .report import SplitSummary, summary_lines, write_report
-from .scan import Problem, ScanError, SplitTree, check_files, class_index, round_robin, scan_tree
+from .scan import Problem, ScanError, class_index, round_robin, scan_tree
 
 SPLITS = ("train", "val")
 
@@ -26,7 +26,6 @@ class ConvertRequest:
     subset: int = 0                      # 0: everything
     strict: bool = False
     overwrite: bool = False
-    check_workers: int = 1
 
 
 def resolve_splits(root: str | None, train_root: str | None, val_root: str | None,
@@ -55,7 +54,7 @@ def resolve_splits(root: str | None, train_root: str | None, val_root: str | Non
 def convert(request: ConvertRequest) -> int:
     """Runs the conversion; returns the process exit code (0 ok, 1 something was not written or
     --strict saw a skipped file). Raises ScanError/ConvertError for one-line fatal errors."""
-    os.makedirs(request.out, exist_ok=True)
+    _check_writable(request.out)
     class_to_idx = _labels(request)
     summaries = []
     for split, root in request.splits.items():
@@ -95,57 +94,41 @@ def _labels(request: ConvertRequest) -> dict[str, int]:
     return class_to_idx
 
 
+def _check_writable(out: str) -> None:
+    """Fails in one line before any work if `out` cannot hold the output (nothing is written)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise ConvertError(f"--out {out}: cannot write there ({err.strerror or err}); pass a writable --out "
+                           "folder or fix its permissions (nothing was converted)") from None
+
+
 def _convert_split(request: ConvertRequest, split: str, root: str, class_to_idx: dict[str, int]) -> SplitSummary:
     final = os.path.join(request.out, f"{split}.beton")
     summary = SplitSummary(split=split, output=final)
     if os.path.exists(final) and not request.overwrite:
         summary.status = "kept"
         return summary
-    start = time.monotonic()
     tree = scan_tree(root, class_to_idx)
-    summary.found = len(tree.samples)
+    summary.found_images = len(tree.samples)
     summary.skipped.extend(tree.problems)
-    keep, sizes = _check(tree, request, split, summary)
+    summary.other = len(tree.problems)
+    keys = [os.path.relpath(path, root) for path, _ in tree.samples]  # seeds the JPEG/raw draw per image
+    candidates = round_robin(tree.samples) if request.subset > 0 else None
+    result = write_split(final, tree.samples, keys, request.options, candidates=candidates, want=request.subset,
+                         strict=request.strict, already_skipped=len(tree.problems), desc=f"convert {split}")
+    summary.skipped.extend(Problem(tree.samples[i][0], r.reason, r.detail) for i, r in sorted(result.failed.items()))
+    summary.converted.update(result.converted)
+    summary.seconds, summary.written, summary.bytes = result.seconds, result.written, result.bytes
     names = {idx: name for name, idx in class_to_idx.items()}
-    present = {label for _, label in keep}
-    summary.empty_classes = [names[label] for label in sorted({label for _, label in tree.samples} - present)]
+    summary.empty_classes = [names[label] for label in sorted({label for _, label in tree.samples} - set(result.labels))]
     write_report(summary)
-    if request.strict and summary.skipped:
+    if result.written == 0:
+        raise ConvertError(f"{root}: none of its {len(tree.samples)} image files could be read; nothing was "
+                           f"written (reasons in {summary.report_path})")
+    if not result.installed:
         summary.status = "failed"
-        return summary
-    result = write_beton(final, keep, sizes, request.options, desc=f"write {split}")
-    summary.seconds = time.monotonic() - start
-    if result.late_failures:
-        summary.skipped.extend(Problem(path, "changed-during-write", reason) for path, reason in result.late_failures)
-        write_report(summary)
-        summary.status = "failed"
-        return summary
-    summary.written, summary.bytes = result.samples, result.bytes
+        summary.written = 0
     return summary
-
-
-def _check(tree: SplitTree, request: ConvertRequest, split: str,
-           summary: SplitSummary) -> tuple[list[tuple[str, int]], list[tuple[int, int]]]:
-    """Decodes the candidates (all, or a round-robin subset topped up past bad files); returns the
-    usable (path, label) in ImageFolder order with their sizes."""
-    candidates = list(range(len(tree.samples)))
-    want = request.subset if request.subset > 0 else len(candidates)
-    if request.subset > 0:
-        candidates = round_robin(tree.samples)
-    good: dict[int, tuple[int, int]] = {}
-    position = 0
-    while len(good) < want and position < len(candidates):
-        batch = candidates[position:position + (want - len(good))]
-        position += len(batch)
-        results = check_files([tree.samples[i][0] for i in batch], request.check_workers, desc=f"check {split}")
-        for index, checked in zip(batch, results):
-            if checked.ok:
-                good[index] = (checked.width, checked.height)
-                if checked.note:
-                    for note in checked.note.split("; "):
-                        summary.converted[note] += 1
-            else:
-                summary.skipped.append(Problem(tree.samples[index][0], checked.reason, checked.detail))
-    order = sorted(good)
-    return [tree.samples[i] for i in order], [good[i] for i in order]
-

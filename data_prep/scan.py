@@ -1,4 +1,4 @@
-"""Finding the images of an ImageFolder tree and checking, in parallel, that each one decodes.
+"""Finding the images of an ImageFolder tree (decoding them is `encode.py`'s job).
 
 The class list and the sample order are torchvision's (`find_classes`, then a sorted walk of each
 class folder, following links), so label i of a .beton is class i of `ImageFolder` and, when nothing
@@ -7,18 +7,17 @@ files, unreadable folders, files outside class folders) is kept as a Problem so 
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from torchvision.datasets.folder import find_classes
-from tqdm import tqdm
 
-from dwnet.data.image_io import ImageReadError, is_image_name, load_rgb
+from dwnet.data.image_io import is_image_name
+from dwnet.errors import UserError
 
 
-class ScanError(Exception):
+class ScanError(UserError):
     """A tree that cannot be converted at all; the message is one line with the fix."""
 
 
@@ -27,17 +26,6 @@ class Problem:
     path: str
     reason: str
     detail: str
-
-
-@dataclass
-class Checked:
-    """Outcome of decoding one file: ok with its size (and a note when it was converted), or not."""
-    ok: bool
-    width: int = 0
-    height: int = 0
-    note: str = ""
-    reason: str = ""
-    detail: str = ""
 
 
 @dataclass
@@ -111,37 +99,6 @@ def _walk_class(class_dir: str, label: int, tree: SplitTree) -> int:
                 tree.problems.append(Problem(path, "not-an-image-file",
                                              "extension is not one ImageFolder reads"))
     return found
-
-
-def check_file(path: str) -> Checked:
-    """Decodes one file fully (what ffcv's writer will do, which would crash on a bad file)."""
-    try:
-        image, note = load_rgb(path)
-    except ImageReadError as err:
-        return Checked(ok=False, reason=err.reason, detail=err.detail)
-    except Exception as err:  # never let one odd file take the whole scan down
-        return Checked(ok=False, reason="corrupt", detail=f"{type(err).__name__}: {err}")
-    return Checked(ok=True, width=image.width, height=image.height, note=note)
-
-
-def check_files(paths: Sequence[str], workers: int, desc: str) -> list[Checked]:
-    """check_file over paths in `workers` processes, in order, with a progress bar (images/s, ETA)."""
-    bar = tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True, smoothing=0.05)
-    results: list[Checked] = []
-    try:
-        if workers <= 1 or len(paths) < 64:
-            for path in paths:
-                results.append(check_file(path))
-                bar.update(1)
-        else:
-            chunk = max(1, min(256, len(paths) // (workers * 8)))
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for checked in pool.imap(check_file, paths, chunksize=chunk):
-                    results.append(checked)
-                    bar.update(1)
-    finally:
-        bar.close()
-    return results
 
 
 def round_robin(samples: Iterable[tuple[str, int]]) -> list[int]:

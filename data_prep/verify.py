@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, get_handlers,
-                        get_metadata_type)
+from ffcv.types import CURRENT_VERSION
+
+from dwnet.data.beton_check import BetonError, check_structure
+from dwnet.errors import DataError
 
 
-class VerifyError(Exception):
+class VerifyError(DataError):
     """The file is missing or damaged; the message is one line."""
 
 
@@ -30,52 +32,19 @@ class VerifyReport:
 
 def verify_beton(path: str, decode: int = 256) -> VerifyReport:
     """Validates `path`; decodes `decode` evenly spread records (all when decode <= 0 or >= N)."""
-    if not os.path.exists(path):
-        raise VerifyError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise VerifyError(f"{path}: not a regular file")
-    size = os.path.getsize(path)
-    if size < HeaderType.itemsize:
-        raise VerifyError(f"{path}: {size} bytes is too short for an ffcv header (truncated or not a .beton)")
-    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
-    if int(header["version"]) != CURRENT_VERSION:
-        raise VerifyError(f"{path}: not an ffcv .beton (format version {int(header['version'])}, "
-                          f"expected {CURRENT_VERSION}); re-run the conversion")
-    num_samples, num_fields = int(header["num_samples"]), int(header["num_fields"])
-    if not 0 < num_fields <= 64:
-        raise VerifyError(f"{path}: header declares {num_fields} fields; the header is damaged")
-
-    descriptors_end = HeaderType.itemsize + num_fields * FieldDescType.itemsize
-    if size < descriptors_end:
-        raise VerifyError(f"{path}: truncated inside the field table ({size} bytes); re-run the conversion")
-    descriptors = np.fromfile(path, dtype=FieldDescType, count=num_fields, offset=HeaderType.itemsize)
     try:
-        handlers = get_handlers(descriptors)
-        metadata_type = get_metadata_type(handlers)
-    except Exception as err:  # noqa: BLE001  unknown field type ids: the table is damaged
-        raise VerifyError(f"{path}: damaged field table ({type(err).__name__}: {err})") from None
-    # ffcv's Reader trusts these numbers (numpy silently reads short), so check them against the size
-    metadata_end = descriptors_end + num_samples * metadata_type.itemsize
-    alloc_ptr = int(header["alloc_table_ptr"])
-    if size < metadata_end:
-        raise VerifyError(f"{path}: truncated: header promises {num_samples} samples but the metadata "
-                          f"table is cut short ({size} bytes); re-run the conversion")
-    if alloc_ptr < metadata_end or alloc_ptr > size or (size - alloc_ptr) % ALLOC_TABLE_TYPE.itemsize:
-        raise VerifyError(f"{path}: truncated or damaged: allocation table at byte {alloc_ptr} does not fit "
-                          f"a {size}-byte file; re-run the conversion")
+        layout = check_structure(path, fix="re-run the conversion")
+    except BetonError as err:
+        raise VerifyError(str(err)) from None
+    size, num_samples = layout.size, layout.num_samples
 
     from ffcv.reader import Reader
     try:
         reader = Reader(path)
     except Exception as err:  # noqa: BLE001
         raise VerifyError(f"{path}: damaged header or field table ({type(err).__name__}: {err})") from None
-    names = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
-    if names.get("image") != "RGBImageField" or names.get("label") != "IntField":
-        raise VerifyError(f"{path}: fields are {names}; expected image (RGBImageField) and label (IntField) "
-                          "as written by `python -m data_prep convert`")
+    names = layout.fields
     table = reader.alloc_table
-    if len(table) and int((table["ptr"] + table["size"]).max()) > alloc_ptr:
-        raise VerifyError(f"{path}: damaged: records point past the data region; re-run the conversion")
 
     image_meta = reader.metadata[f"f{reader.field_names.index('image')}"]
     labels = reader.metadata[f"f{reader.field_names.index('label')}"].astype(np.int64)
@@ -84,8 +53,6 @@ def verify_beton(path: str, decode: int = 256) -> VerifyReport:
     if missing:
         raise VerifyError(f"{path}: damaged: {len(missing)} image records have no allocation "
                           f"(first sample {missing[0]}); re-run the conversion")
-    if num_samples == 0:
-        raise VerifyError(f"{path}: holds 0 samples")
     if labels.min() < 0:
         raise VerifyError(f"{path}: damaged: negative label {labels.min()}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -15,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from dwnet.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run: the message names the key and how to fix it."""
 
 
@@ -215,20 +218,28 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def validate(cfg: RunConfig) -> None:
-    """Rejects impossible combinations before any process group, data or model is built."""
+    """Rejects impossible combinations and values before any process group, data or model is built."""
     flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}={flat[key]!r} is not one of {', '.join(map(str, allowed))}")
-    positive = ["data.image_size", "data.batch_size", "optim.epochs", "optim.accumulation_steps",
-                "optim.lr_reference_batch", "checkpoint.keep_last", "log.every_steps", "engine.nonfinite_window",
-                "engine.nonfinite_max_skips"]
+    _check_finite(flat)
+    positive = ["model.num_classes", "data.image_size", "data.batch_size", "data.batches_ahead", "optim.epochs",
+                "optim.accumulation_steps", "optim.lr_reference_batch", "optim.base_lr", "optim.eps",
+                "checkpoint.keep_last", "log.every_steps", "engine.nonfinite_window", "engine.nonfinite_max_skips"]
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]} must be > 0")
-    for key in ("optim.grad_clip", "optim.base_lr", "data.num_workers", "checkpoint.every_steps", "optim.warmup_epochs"):
+    non_negative = ["optim.grad_clip", "optim.warmup_lr", "optim.min_lr", "optim.weight_decay", "data.num_workers",
+                    "checkpoint.every_steps", "optim.warmup_epochs", "engine.seed", "augment.mixup", "augment.cutmix"]
+    for key in non_negative:
         if flat[key] < 0:
-            raise ConfigError(f"{key}={flat[key]} must be >= 0")
+            raise ConfigError(f"{key}={flat[key]} must be >= 0" + (" (0 disables it)" if key.startswith("augment")
+                                                                   else ""))
+    for key in ("optim.warmup_lr", "optim.min_lr"):
+        if flat[key] > cfg.optim.base_lr:
+            raise ConfigError(f"{key}={flat[key]} is above optim.base_lr={cfg.optim.base_lr} (the peak LR); "
+                              f"lower {key} or raise optim.base_lr")
     if cfg.optim.warmup_epochs >= cfg.optim.epochs and cfg.optim.epochs > 0:
         raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} must be < optim.epochs={cfg.optim.epochs}; "
                           "lower optim.warmup_epochs")
@@ -237,6 +248,12 @@ def validate(cfg: RunConfig) -> None:
     for key in ("augment.hflip", "augment.random_erasing", "augment.mixup_switch_prob", "augment.label_smoothing"):
         if not 0 <= flat[key] <= 1:
             raise ConfigError(f"{key}={flat[key]} must be a probability in [0, 1]")
+    if cfg.model.drop_path_rate is not None and not 0 <= cfg.model.drop_path_rate < 1:
+        raise ConfigError(f"model.drop_path_rate={cfg.model.drop_path_rate} must be in [0, 1) (null: the model's own)")
+    if not all(0 <= beta < 1 for beta in cfg.optim.betas):
+        raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must both be in [0, 1), e.g. [0.9, 0.999]")
+    _check_range("augment.scale", cfg.augment.scale, upper=1.0, example="[0.08, 1.0]")
+    _check_range("augment.ratio", cfg.augment.ratio, upper=None, example="[0.75, 1.333]")
     if cfg.engine.ema and cfg.engine.zero_stage == 3:
         raise ConfigError("engine.ema=true needs whole parameters on every rank, which ZeRO-3 partitions; "
                           "use engine.zero_stage<=2 or engine.ema=false")
@@ -245,6 +262,23 @@ def validate(cfg: RunConfig) -> None:
     if cfg.model.sync_bn and cfg.engine.zero_stage == 3:
         raise ConfigError("model.sync_bn=true is not supported with ZeRO-3 (partitioned BN parameters); "
                           "use engine.zero_stage<=2")
+
+
+def _check_finite(flat: dict[str, Any]) -> None:
+    """nan/inf pass every `<`/`>` test (nan) or break the schedule later (inf): no key accepts them."""
+    for key, value in flat.items():
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):
+            raise ConfigError(f"{key}={value} must be a finite number")
+
+
+def _check_range(key: str, bounds: tuple[float, float], upper: float | None, example: str) -> None:
+    """A (low, high) range: positive, ordered low <= high, and at most `upper`."""
+    low, high = bounds
+    limit = f"0 < low <= high <= {upper:g}" if upper is not None else "0 < low <= high"
+    if not (0 < low <= high and (upper is None or high <= upper)):
+        fix = f"; swap them: [{high:g}, {low:g}]" if 0 < high <= low and (upper is None or low <= upper) else ""
+        raise ConfigError(f"{key}={[low, high]} must be a range [low, high] with {limit}, e.g. {example}{fix}")
 
 
 def global_batch_size(cfg: RunConfig, world_size: int) -> int:

@@ -35,6 +35,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dwnet.errors import debug_tracebacks
+
 DEFAULT_TIMEOUT_S = 1800.0
 
 
@@ -507,7 +509,9 @@ def shutdown() -> None:
 
 # ---- failing fast -------------------------------------------------------------------------------
 def _one_line_errors() -> tuple[type, ...]:
-    errors: list[type] = [DistError]
+    from dwnet.errors import UserError  # ConfigError, PreflightError, DataError, ...
+
+    errors: list[type] = [DistError, UserError]
     for module, name in (("dwnet.preflight", "PreflightError"), ("dwnet.config", "ConfigError")):
         mod = sys.modules.get(module)
         if mod is not None and hasattr(mod, name):
@@ -544,6 +548,8 @@ def run_and_exit_on_failure(main_fn: Callable[..., Any], *args: Any, **kwargs: A
         code = 130
     except BaseException as exc:  # noqa: BLE001 - every failure must end the process
         if isinstance(exc, _one_line_errors()):
+            if debug_tracebacks():
+                traceback.print_exc(file=sys.stderr)
             print(f"[dwnet {_who()}] FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         else:
             traceback.print_exc(file=sys.stderr)

@@ -1,12 +1,15 @@
 """Checks before training, so a 16-rank job fails in seconds with one readable message instead
 of hanging or dying an hour in: hostfile vs launched world size, host names that do not resolve,
-data files / checkpoint directory present and writable on EVERY rank, and the same package
+data files present (.beton files also structurally whole: not cut short, not foreign) and the
+checkpoint directory writable on EVERY rank, and the same package
 versions everywhere. Every rank runs its local checks, rank 0 gathers and judges, and the verdict
 is broadcast, so all ranks raise the same PreflightError together.
 
     from dwnet.preflight import run_preflight
-    run_preflight([cfg.data.train_path, cfg.data.val_path], [cfg.checkpoint.dir], hostfile=None)
+    run_preflight([cfg.data.train_path, cfg.data.val_path], [cfg.checkpoint.dir], hostfile=None,
+                  beton_files=preflight_betons(cfg))
 
+`preflight_betons(cfg)` names the .beton files of an ffcv run for the structural check.
 hostfile=None reads the path from $DWNET_HOSTFILE (the launch/ recipes export it); '' skips the
 hostfile checks.
 """
@@ -22,12 +25,14 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from dwnet.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "torchvision", "deepspeed", "timm", "ffcv", "numpy")  # compared across ranks, logged
 
 
-class PreflightError(RuntimeError):
+class PreflightError(UserError, RuntimeError):
     """The job cannot start; the message names the host/rank and what is wrong, one line each."""
 
 
@@ -135,14 +140,35 @@ class RankReport:
     versions: dict[str, str] = field(default_factory=dict)
 
 
-def local_report(rank: int, required_files: list[str], writable_dirs: list[str]) -> RankReport:
+def _check_beton(key: str, path: str) -> str | None:
+    """data_prep verify's structural check (header, version, tables against the file size): a file
+    cut short by a copy, or a foreign file, is named here instead of failing inside ffcv."""
+    from dwnet.data.beton_check import BetonError, check_structure
+
+    try:
+        check_structure(path, fix=f"check it with `python -m data_prep verify {path}`, then re-copy it or "
+                                  "re-convert it with `python -m data_prep convert`")
+    except BetonError as err:
+        return f"{key}: {err}"
+    return None
+
+
+def local_report(rank: int, required_files: list[str], writable_dirs: list[str],
+                 beton_files: dict[str, str] | None = None) -> RankReport:
     report = RankReport(rank=rank, host=socket.gethostname())
     try:
-        for path in [p for p in required_files if p]:
+        unusable = set()
+        for path in dict.fromkeys(p for p in [*required_files, *(beton_files or {}).values()] if p):
             if not os.path.exists(path):
                 report.problems.append(f"missing {path}")
+                unusable.add(path)
             elif not os.access(path, os.R_OK):
                 report.problems.append(f"cannot read {path}")
+                unusable.add(path)
+        for key, path in (beton_files or {}).items():
+            problem = _check_beton(key, path) if path and path not in unusable else None
+            if problem:
+                report.problems.append(problem)
         for directory in [d for d in writable_dirs if d]:
             problem = _check_writable(directory)
             if problem:
@@ -227,12 +253,22 @@ def judge(reports: list[RankReport], world_size: int, hostfile: str | None) -> l
     return problems
 
 
+def preflight_betons(cfg, splits: tuple[str, ...] = ("train", "val")) -> dict[str, str]:
+    """{'data.train_path': path, ...} for the set .beton paths of an ffcv run (none for imagefolder)."""
+    if cfg.data.backend != "ffcv":
+        return {}
+    paths = {f"data.{split}_path": getattr(cfg.data, f"{split}_path") for split in splits}
+    return {key: path for key, path in paths.items() if path}
+
+
 # ---- entry point ------------------------------------------------------------------------------
-def run_preflight(required_files: list[str], writable_dirs: list[str], hostfile: str | None = None) -> None:
+def run_preflight(required_files: list[str], writable_dirs: list[str], hostfile: str | None = None,
+                  beton_files: dict[str, str] | None = None) -> None:
     """Runs on every rank (collective: call it on all ranks after init_distributed()).
 
-    Raises PreflightError with the same multi-line message (one line per problem) on every rank.
-    hostfile=None reads $DWNET_HOSTFILE; '' skips the hostfile checks."""
+    `beton_files` ({config key: path}) get the structural check of `python -m data_prep verify`.
+    Raises PreflightError with the same message on every rank: one line for one problem, else a
+    line per problem. hostfile=None reads $DWNET_HOSTFILE; '' skips the hostfile checks."""
     import torch.distributed as dist
 
     if hostfile is None:
@@ -241,7 +277,7 @@ def run_preflight(required_files: list[str], writable_dirs: list[str], hostfile:
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
 
-    mine = local_report(rank, list(required_files), list(writable_dirs))
+    mine = local_report(rank, list(required_files), list(writable_dirs), dict(beton_files or {}))
     if world > 1:
         gathered: list[RankReport | None] = [None] * world
         dist.all_gather_object(gathered, mine)
@@ -255,9 +291,10 @@ def run_preflight(required_files: list[str], writable_dirs: list[str], hostfile:
             problems = judge(reports, world, hostfile or None)
         except Exception as err:  # noqa: BLE001 - the verdict must still reach every rank
             problems = [f"preflight judging crashed: {type(err).__name__}: {err}"]
-        if problems:
-            verdict = f"preflight failed ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n" + \
-                "\n".join(f"  - {p}" for p in problems)
+        if len(problems) == 1:
+            verdict = f"preflight failed: {problems[0]}"
+        elif problems:
+            verdict = f"preflight failed ({len(problems)} problems):\n" + "\n".join(f"  - {p}" for p in problems)
         else:
             versions = reports[0].versions
             log.info("preflight ok: %d rank(s) on %d host(s); torch %s, deepspeed %s", world,

@@ -39,6 +39,22 @@ def test_yaml_and_overrides(tmp_path):
     (["augment.hflip=1.5"], "augment.hflip=1.5 must be a probability in [0, 1]"),
     (["optim"], "--opts 'optim': write overrides as section.key=value"),
     (["model=3"], "--opts: 'model' is a section; give it a mapping of keys, not 3"),
+    # values, not only types (issue 13): each of these used to crash after start-up or train silently
+    (["model.num_classes=0"], "model.num_classes=0 must be > 0"),
+    (["optim.base_lr=nan"], "optim.base_lr=nan must be a finite number"),
+    (["optim.base_lr=.inf"], "optim.base_lr=inf must be a finite number"),
+    (["optim.base_lr=0"], "optim.base_lr=0.0 must be > 0"),
+    (["optim.min_lr=0.01"], "optim.min_lr=0.01 is above optim.base_lr=0.0005 (the peak LR)"),
+    (["augment.mixup=-1"], "augment.mixup=-1.0 must be >= 0 (0 disables it)"),
+    (["augment.cutmix=-0.5"], "augment.cutmix=-0.5 must be >= 0 (0 disables it)"),
+    (["augment.scale=[1.0, 0.08]"], "augment.scale=[1.0, 0.08] must be a range [low, high] with 0 < low <= high "
+                                    "<= 1, e.g. [0.08, 1.0]; swap them: [0.08, 1]"),
+    (["augment.scale=[0, 1]"], "augment.scale=[0.0, 1.0] must be a range [low, high] with 0 < low <= high <= 1"),
+    (["augment.ratio=[1.33, 0.75]"], "augment.ratio=[1.33, 0.75] must be a range [low, high] with 0 < low <= high"),
+    (["augment.random_erasing=2"], "augment.random_erasing=2.0 must be a probability in [0, 1]"),
+    (["model.drop_path_rate=1.5"], "model.drop_path_rate=1.5 must be in [0, 1)"),
+    (["optim.betas=[0.9, 1.0]"], "optim.betas=[0.9, 1.0] must both be in [0, 1)"),
+    (["engine.seed=-1"], "engine.seed=-1 must be >= 0"),
 ])
 def test_bad_configs_fail_with_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -207,6 +207,20 @@ def test_run_preflight_single_process(tmp_path):
     assert f"rank 0 on {socket.gethostname()}: missing {tmp_path / 'val.beton'}" in str(err.value)
 
 
+def test_run_preflight_checks_beton_structure(tmp_path, digits_betons):
+    """A cut-short .beton is named in one line with the fix, on top of the plain file checks."""
+    cut = tmp_path / "train.beton"
+    cut.write_bytes((digits_betons / "train.beton").read_bytes()[:100_000])
+    betons = {"data.train_path": str(cut), "data.val_path": str(digits_betons / "val.beton")}
+    with pytest.raises(PreflightError) as err:
+        run_preflight([], [str(tmp_path / "ckpt")], hostfile="", beton_files=betons)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"preflight failed: rank 0 on {socket.gethostname()}: "
+                                                      f"data.train_path: {cut}: truncated")
+    assert f"python -m data_prep verify {cut}" in message
+    run_preflight([], [str(tmp_path / "ckpt")], hostfile="", beton_files={"data.val_path": betons["data.val_path"]})
+
+
 # ---- fail fast --------------------------------------------------------------------------------
 @pytest.mark.parametrize("body, code, needle", [
     ("raise RuntimeError('boom')", 1, "FAILED: RuntimeError: boom"),

@@ -11,11 +11,12 @@ import pytest
 import torch
 from conftest import DIGITS_TRAIN, DIGITS_VAL
 
-from dwnet.config import AugmentConfig, DataConfig
+from dwnet.config import AugmentConfig, ConfigError, DataConfig
 from dwnet.data import TrainLoader, build_train_loader, build_val_loader
 from dwnet.data.augment import BatchAugment
 from dwnet.data.rng import rng_scope
 from dwnet.data.sharding import train_epoch_indices, val_rank_indices
+from dwnet.errors import DataError
 
 CPU = torch.device("cpu")
 OFF = dict(rand_augment="", random_erasing=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
@@ -134,13 +135,30 @@ def test_odd_batch_with_mixup_is_a_clear_error(digits_betons):
                            world_size=1, seed=0, device=CPU)
 
 
-def test_missing_or_too_small_data_are_clear_errors(digits_betons, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file"):
+def test_missing_damaged_or_too_small_data_are_clear_errors(digits_betons, tmp_path):
+    with pytest.raises(DataError, match="no such file"):
         build_train_loader(ffcv_config(digits_betons, train_path=str(tmp_path / "x.beton")), AugmentConfig(**OFF),
                            num_classes=10, rank=0, world_size=1, seed=0, device=CPU)
-    with pytest.raises(ValueError, match="fewer than one batch per rank"):
+    cut = tmp_path / "cut.beton"
+    cut.write_bytes((digits_betons / "val.beton").read_bytes()[:5000])
+    with pytest.raises(DataError, match=f"{cut}: truncated.*python -m data_prep verify {cut}"):
+        build_val_loader(ffcv_config(digits_betons, val_path=str(cut)), rank=0, world_size=1, device=CPU)
+    with pytest.raises(ConfigError, match=r"data.batch_size=128 is larger than a rank's share .* \(160 samples "
+                                          r"over 2 rank\(s\): 80 each\); lower data.batch_size to at most 80"):
         build_train_loader(ffcv_config(digits_betons, batch_size=128), AugmentConfig(**OFF), num_classes=10,
                            rank=0, world_size=2, seed=0, device=CPU)
+
+
+def test_imagefolder_unreadable_image_is_a_data_error_naming_it(tmp_path):
+    from conftest import write_digits_tree
+
+    write_digits_tree(tmp_path / "val", 0, 20)
+    bad = sorted((tmp_path / "val").rglob("*.jpg"))[7]
+    bad.write_bytes(b"")
+    loader = build_val_loader(folder_config(tmp_path, batch_size=8), rank=0, world_size=1, device=CPU)
+    with pytest.raises(DataError) as err:
+        list(loader)
+    assert str(err.value).startswith(f"{bad}: unreadable image (empty-file") and "\n" not in str(err.value)
 
 
 # ---- val loader --------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from ffcv.loader import Loader, OrderOption
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
+from dwnet.errors import DataError
+
 from .ffcv_ops import CenterCropDecoder, SeededRandomResizedCropDecoder
 
 
@@ -75,17 +77,11 @@ def _label_pipeline(device: torch.device) -> list:
 
 def _check_file(path: str, split: str) -> None:
     if not path:
-        raise FileNotFoundError(f"data.{split}_path is empty; set it to the {split}.beton written by "
-                                "`python -m data_prep convert`")
+        raise DataError(f"data.{split}_path is empty; set it to the {split}.beton written by "
+                        "`python -m data_prep convert`")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.{split}_path={path}: no such file; convert the dataset with "
-                                "`python -m data_prep convert` or fix the path")
-
-
-def beton_num_samples(path: str) -> int:
-    from ffcv.reader import Reader
-
-    return int(Reader(path).num_samples)
+        raise DataError(f"data.{split}_path={path}: no such file; convert the dataset with "
+                        "`python -m data_prep convert` or fix the path")
 
 
 def beton_labels(path: str) -> np.ndarray:

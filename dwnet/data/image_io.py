@@ -7,9 +7,11 @@ A file's content decides its format, so a PNG saved under a .JPEG name reads fin
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import warnings
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -35,16 +37,24 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def load_rgb(path: str) -> tuple[Image.Image, str]:
+@contextlib.contextmanager
+def pil_warnings_silenced() -> Iterator[None]:
+    """Palette-transparency and EXIF warnings are about content that is converted anyway.
+    (Warning filters are process-wide and `catch_warnings` is not thread-safe: code decoding in
+    threads enters this once around all of them and calls load_rgb(silence_warnings=False).)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def load_rgb(path: str, *, silence_warnings: bool = True) -> tuple[Image.Image, str]:
     """Fully decodes `path` and returns (RGB image, note). The note is "" for a plain RGB file of
     the expected format, else a short description of what was converted ("CMYK->RGB",
     "PNG data in .jpeg file"). Raises ImageReadError for anything unusable."""
     try:
         if os.path.getsize(path) == 0:
             raise ImageReadError("empty-file", "0 bytes")
-        with warnings.catch_warnings():
-            # palette-transparency and EXIF warnings are about content we convert anyway
-            warnings.simplefilter("ignore")
+        with pil_warnings_silenced() if silence_warnings else contextlib.nullcontext():
             with Image.open(path) as img:
                 img.load()  # decode everything now: truncation only shows up here
                 image, note = _to_rgb(img, path)
@@ -78,7 +88,7 @@ def _to_rgb(img: Image.Image, path: str) -> tuple[Image.Image, str]:
         raise ImageReadError("corrupt", f"image has size {img.width}x{img.height}")
     mode = img.mode
     if mode == "RGB":
-        rgb = img.copy()
+        rgb = img  # load() has read the pixels; leaving the `with` only closes the file (no copy needed)
     elif mode in _HIGH_DEPTH:
         rgb = Image.fromarray(_to_uint8(np.asarray(img), mode)).convert("RGB")
         notes.append(f"{mode}->RGB (rescaled to 8 bits)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -16,23 +16,44 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import InterpolationMode
 
+from dwnet.errors import DataError
+
 from .image_io import ImageReadError, load_rgb
 from .rng import crop_and_flip, sample_key
 
 
+# An image that cannot be read is reported by the worker as a message next to a placeholder
+# image, and raised by the main process as a one-line DataError naming the file: an exception
+# raised inside a DataLoader worker reaches the user as "Caught RuntimeError in DataLoader worker
+# process 0" with the file buried in a re-printed traceback.
+_OK = ""
+
+
 def _load(path: str):
-    try:
-        return load_rgb(path)[0]
-    except ImageReadError as err:
-        raise RuntimeError(f"{path}: {err.reason} ({err.detail}); convert the tree with `python -m data_prep "
-                           "convert` to skip bad files, or remove it") from None
+    return load_rgb(path)[0]
+
+
+def _unreadable(path: str, err: Exception) -> str:
+    reason, detail = (err.reason, err.detail) if isinstance(err, ImageReadError) else ("corrupt", str(err))
+    return (f"{path}: unreadable image ({reason}: {detail}); remove or replace the file, or convert the tree "
+            "with `python -m data_prep convert`, which skips and lists bad files")
+
+
+def _raise_unreadable(messages: Sequence[str]) -> None:
+    bad = [message for message in messages if message]
+    if bad:
+        raise DataError(bad[0] + (f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""))
 
 
 def open_image_folder(path: str, split: str) -> ImageFolder:
     if not path or not os.path.isdir(path):
-        raise FileNotFoundError(f"data.{split}_path={path!r}: not a directory; the imagefolder backend "
-                                "needs an ImageFolder tree (<root>/<class>/<image>)")
-    return ImageFolder(path, loader=_load)
+        raise DataError(f"data.{split}_path={path!r}: not a directory; the imagefolder backend "
+                        "needs an ImageFolder tree (<root>/<class>/<image>)")
+    try:
+        return ImageFolder(path, loader=_load)
+    except (FileNotFoundError, PermissionError) as err:  # no class folders / no images / unreadable root
+        raise DataError(f"data.{split}_path={path}: {err}; the imagefolder backend needs an ImageFolder tree "
+                        "(<root>/<class>/<image>)") from None
 
 
 class _TrainSamples(Dataset):
@@ -49,10 +70,13 @@ class _TrainSamples(Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, str]:
         index, epoch_key = item
         path, label = self.folder.samples[index]
-        image = self.folder.loader(path)
+        try:
+            image = self.folder.loader(path)
+        except Exception as err:  # noqa: BLE001  reported by the main process (see _unreadable)
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), label, _unreadable(path, err)
         key = np.uint64(sample_key(np.uint64(epoch_key), np.uint64(index)))
         top, left, h, w, flip = crop_and_flip(image.height, image.width, *self.scale, *self.log_ratio,
                                               self.hflip, key)
@@ -60,7 +84,7 @@ class _TrainSamples(Dataset):
                                 interpolation=InterpolationMode.BICUBIC, antialias=True)
         if flip:
             image = TF.horizontal_flip(image)
-        return TF.pil_to_tensor(image), label
+        return TF.pil_to_tensor(image), label, _OK
 
 
 class _ValSamples(Dataset):
@@ -72,15 +96,19 @@ class _ValSamples(Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         path, label = self.folder.samples[index]
-        image = TF.resize(self.folder.loader(path), self.resize, interpolation=InterpolationMode.BICUBIC,
-                          antialias=True)
-        return TF.pil_to_tensor(TF.center_crop(image, [self.size, self.size])), label
+        try:
+            image = self.folder.loader(path)
+        except Exception as err:  # noqa: BLE001  reported by the main process (see _unreadable)
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), label, _unreadable(path, err)
+        image = TF.resize(image, self.resize, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return TF.pil_to_tensor(TF.center_crop(image, [self.size, self.size])), label, _OK
 
 
 def _to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = batch
+    images, labels, problems = batch
+    _raise_unreadable(problems)
     non_blocking = device.type == "cuda"
     return images.to(device, non_blocking=non_blocking), labels.to(device, non_blocking=non_blocking)
 

@@ -6,9 +6,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from dwnet.config import AugmentConfig, DataConfig
+from dwnet.config import AugmentConfig, ConfigError, DataConfig
+from dwnet.errors import DataError
 
 from .augment import BatchAugment, normalize
+from .beton_check import check_structure
 from .rng import derive_key
 from .sharding import train_batches_per_epoch, train_epoch_indices, val_rank_indices
 
@@ -95,6 +97,16 @@ def _check_world(rank: int, world_size: int) -> None:
         raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
 
 
+def beton_size(path: str, split: str) -> int:
+    """Samples in the .beton at `path` after its structural check (a one-line DataError names a
+    missing, cut-short or foreign file, also when no preflight ran)."""
+    if not path:
+        raise DataError(f"data.{split}_path is empty; set it to the {split}.beton written by "
+                        "`python -m data_prep convert`")
+    return check_structure(path, fix=f"check it with `python -m data_prep verify {path}`, then re-copy it or "
+                                     "re-convert it").num_samples
+
+
 def build_train_loader(data: DataConfig, augment: AugmentConfig, *, num_classes: int, rank: int, world_size: int,
                        seed: int, device: torch.device, channels_last: bool = False) -> TrainLoader:
     _check_world(rank, world_size)
@@ -102,10 +114,9 @@ def build_train_loader(data: DataConfig, augment: AugmentConfig, *, num_classes:
     batch_augment = BatchAugment(augment, image_size=data.image_size, num_classes=num_classes,
                                  batch_size=data.batch_size, device=device)
     if data.backend == "ffcv":
-        from .ffcv_backend import FfcvTrainReader, _check_file, beton_num_samples
+        from .ffcv_backend import FfcvTrainReader
 
-        _check_file(data.train_path, "train")
-        size = beton_num_samples(data.train_path)
+        size = beton_size(data.train_path, "train")
     else:
         from .imagefolder_backend import ImageFolderTrainReader
 
@@ -114,8 +125,9 @@ def build_train_loader(data: DataConfig, augment: AugmentConfig, *, num_classes:
                                         num_workers=data.num_workers, device=device)
         size = len(reader)
     if train_batches_per_epoch(size, world_size, data.batch_size) == 0:
-        raise ValueError(f"data.train_path={data.train_path} has {size} samples, fewer than one batch per rank "
-                         f"(data.batch_size={data.batch_size} x {world_size} ranks); lower data.batch_size")
+        raise ConfigError(f"data.batch_size={data.batch_size} is larger than a rank's share of data.train_path="
+                          f"{data.train_path} ({size} samples over {world_size} rank(s): {size // world_size} each); "
+                          f"lower data.batch_size to at most {max(1, size // world_size)}")
     loader_args = dict(dataset_size=size, batch_size=data.batch_size, seed=seed, rank=rank, world_size=world_size,
                        channels_last=channels_last)
     if data.backend == "ffcv":
@@ -133,10 +145,9 @@ def build_val_loader(data: DataConfig, *, rank: int, world_size: int, device: to
     _check_world(rank, world_size)
     device = torch.device(device)
     if data.backend == "ffcv":
-        from .ffcv_backend import FfcvValReader, _check_file, beton_num_samples
+        from .ffcv_backend import FfcvValReader
 
-        _check_file(data.val_path, "val")
-        size = beton_num_samples(data.val_path)
+        size = beton_size(data.val_path, "val")
         indices, real = val_rank_indices(size, rank=rank, world_size=world_size)
         reader = FfcvValReader(data.val_path, image_size=data.image_size, crop_pct=data.crop_pct,
                                batch_size=data.batch_size, num_workers=data.num_workers, os_cache=data.os_cache,
@@ -150,5 +161,5 @@ def build_val_loader(data: DataConfig, *, rank: int, world_size: int, device: to
                                       batch_size=data.batch_size, num_workers=data.num_workers, device=device,
                                       indices=indices)
     if size == 0:
-        raise ValueError(f"data.val_path={data.val_path} holds no samples")
+        raise DataError(f"data.val_path={data.val_path} holds no samples; point it at a converted val split")
     return ValLoader(reader, num_samples=size, indices=indices, real_count=real, channels_last=channels_last)
