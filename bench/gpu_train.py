@@ -80,7 +80,7 @@ def run_config(args: argparse.Namespace, model: str, run_dir: str, num_classes: 
 def model_factory(image_size: int) -> Callable:
     """The Trainer's default factory, except that Swin needs its input size (and a window that
     fits it) at construction when it is not the 224 px it was defined for."""
-    from dwnet.engine import build_model
+    from dwnet.models import build_model
 
     def build(cfg):
         if not cfg.model.name.startswith("swin"):
