@@ -53,8 +53,8 @@ def export_official(root: str, tag: str, out_path: str, extra: dict[str, Any] | 
     progress = states.get("progress", {})
     model = consolidated_state_dict(root, tag)
     others = [t for t in checkpointing.complete_tags(root) if t != tag]
-    check_state_dict(model, os.path.join(root, tag),
-                     fix="export another tag with --checkpoint-tag" + (f" (complete: {', '.join(others)})" if others else ""))
+    fix = "export another tag with --checkpoint-tag" + (f" (complete: {', '.join(others)})" if others else "")
+    check_state_dict(model, os.path.join(root, tag), fix=fix)
     payload = {"model": model, "epoch": progress.get("epoch", 0),
                "max_accuracy": progress.get("best_top1", -1.0)}
     payload.update(extra or {})

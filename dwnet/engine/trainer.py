@@ -389,8 +389,9 @@ class Trainer:
                         "ema": self.ema.module.state_dict() if self.ema is not None else None}
         tag = checkpointing.save(self.engine, self.run_dir, p.step, client_state, self.cfg.checkpoint.keep_last,
                                  is_best=is_best, suffix=suffix, meta=meta)
-        self.log.info("saved checkpoint %s%s", tag, f" (non-finite episode open since step {meta[checkpointing.EPISODE]}: "
-                      "not a rollback target)" if checkpointing.EPISODE in meta else "")
+        episode = meta.get(checkpointing.EPISODE)
+        self.log.info("saved checkpoint %s%s", tag, "" if episode is None else
+                      f" (non-finite episode open since step {episode}: not a rollback target)")
         return tag
 
     def _roll_back(self, why: str) -> None:
