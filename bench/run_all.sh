@@ -13,3 +13,4 @@ run "$PY" bench/model.py --batch 8 --repeats 5
 run "$PY" bench/zero_memory.py --world-sizes 2 4
 run "$PY" bench/scaling.py --rounds 3
 run "$PY" bench/loader.py --images 768 --rounds 3
+run "$PY" bench/nonfinite_guard.py --repeats 5
