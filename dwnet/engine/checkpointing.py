@@ -178,8 +178,13 @@ def load(engine, run_dir: str, tag: str, load_optimizer_states: bool = True) -> 
     if client_state is None:
         raise RuntimeError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint; "
                            "remove the tag directory to fall back to the previous one")
+    load_rng_state(root, tag)
+    return client_state
+
+
+def load_rng_state(root: str, tag: str) -> None:
+    """This rank's RNG states as saved in `tag` (if it has them)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = os.path.join(root, tag, f"rng_rank{rank}.pt")
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return client_state

@@ -425,6 +425,7 @@ class Trainer:
             self.progress.precision = new_precision
             if self.ema is not None and saved.get("ema") is not None:
                 self.ema.module.load_state_dict(saved["ema"])
+            checkpointing.load_rng_state(root, target)
         else:
             self._restore(target)
         self.guard.reset()
