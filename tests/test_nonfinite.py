@@ -380,3 +380,33 @@ def test_eval_of_a_model_with_non_finite_buffers_fails_in_one_line(digits_betons
     lines = [line for line in out.stderr.splitlines() if "eval refused" in line]
     assert len(lines) == 1 and "damaged.pth" in lines[0] and "running_mean" in lines[0], out.stderr[-2000:]
     assert '{"eval"' not in out.stdout
+
+
+def test_an_episode_stays_open_across_a_crash_and_resume(tmp_path, process_group):
+    """Step 3 skips; the tag of step 4 is marked; the run crashes; after the resume the tag of
+    step 6 is still inside the episode (window 4), so it is marked too and never a rollback target."""
+    images, labels = synthetic_dataset(128)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_batch_5(epoch, batch):
+        if (epoch, batch) == (0, 5):
+            raise Crash()
+
+    def trainer_for(observe=None):
+        cfg = engine_worker.tiny_run_config(str(tmp_path), "checkpoint.every_steps=2", "checkpoint.keep_last=20",
+                                            "optim.epochs=1", "engine.nonfinite_window=4")
+        loader = Poisoned(TensorTrainLoader(images, labels, 16), bad={(0, 2): NAN}, observe=observe)
+        return Trainer(cfg, 0, 1, CPU, train_loader=loader)
+
+    with pytest.raises(Crash):
+        trainer_for(observe=crash_at_batch_5).fit()
+    root = checkpointing.checkpoint_root(str(tmp_path))
+    assert checkpointing.read_meta(root, "step_00000004")[checkpointing.EPISODE] == 3
+    resumed = trainer_for()
+    assert resumed.resume_tag == "step_00000004"
+    resumed.fit()
+    assert checkpointing.read_meta(root, "step_00000006")[checkpointing.EPISODE] == 3
+    assert checkpointing.is_clean(root, "step_00000008")  # step 3 left the window at step 7
+    assert checkpointing.rollback_target(root) == "step_00000008"

@@ -53,6 +53,7 @@ class Progress:
     precision: str = "fp32"
     fallbacks: int = 0
     history: list = field(default_factory=list)  # precision switches, for the record
+    recent_skips: list = field(default_factory=list)  # skipped steps in the guard's window at save time
 
 
 def build_model(cfg: RunConfig) -> nn.Module:
@@ -177,6 +178,8 @@ class Trainer:
 
     def _resume(self, tag: str) -> None:
         self._restore(tag)
+        # A crash does not close a non-finite episode: tags saved after the resume stay marked.
+        self.guard.skipped_steps.extend(self.progress.recent_skips)
         self.log.info("resumed from %s: epoch %d, batch %d, step %d, precision %s", tag,
                       self.progress.epoch, self.progress.batch_in_epoch, self.progress.step, self.progress.precision)
 
@@ -383,8 +386,9 @@ class Trainer:
         self.sync_batchnorm_statistics()
         p = self.progress
         meta = {"step": p.step, "epoch": p.epoch, "precision": p.precision}
-        if self.guard.skips_in_window(p.step):
-            meta[checkpointing.EPISODE] = self.guard.first_skip()
+        p.recent_skips = [] if not self.guard.skips_in_window(p.step) else list(self.guard.skipped_steps)
+        if p.recent_skips:
+            meta[checkpointing.EPISODE] = p.recent_skips[0]
         client_state = {"progress": p.__dict__.copy(),
                         "ema": self.ema.module.state_dict() if self.ema is not None else None}
         tag = checkpointing.save(self.engine, self.run_dir, p.step, client_state, self.cfg.checkpoint.keep_last,
