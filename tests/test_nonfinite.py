@@ -33,12 +33,13 @@ NAN, INF = math.nan, math.inf
 
 
 def ffcv_overrides(betons) -> list[str]:
-    """dwnet_femto on the 160 digits at 32px, no augmentation: 10 steps per epoch on one rank,
-    and 8 epochs at this LR reach ~80% top-1 (chance, what a poisoned model scores, is 10%)."""
+    """dwnet_femto on the 160 digits at 32px, no augmentation: 10 steps per epoch on one rank;
+    16 epochs at this LR reach 86-95% top-1 on them, run to run within ~5 points of each other
+    (chance, what a model with poisoned BatchNorm statistics scores, is 10%)."""
     return [f"data.train_path={betons}/train.beton", f"data.val_path={betons}/val.beton", "data.image_size=32",
             "data.num_workers=1", "data.batches_ahead=1", "augment.rand_augment=", "augment.random_erasing=0",
-            "augment.mixup=0", "augment.cutmix=0", "optim.epochs=8", "optim.warmup_epochs=1",
-            "optim.base_lr=0.001", "optim.lr_reference_batch=16"]
+            "augment.mixup=0", "augment.cutmix=0", "optim.epochs=16", "optim.warmup_epochs=1",
+            "optim.base_lr=0.002", "optim.lr_reference_batch=16"]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def clean_top1(digits, tmp_path_factory):
 
 def assert_near_clean(final: dict, clean: float) -> None:
     assert math.isfinite(final["val_loss"]) and math.isfinite(final["train_loss"]), final
-    assert final["val_top1"] > 50.0 and abs(final["val_top1"] - clean) <= 8.0, (final["val_top1"], clean)
+    assert final["val_top1"] > 70.0 and abs(final["val_top1"] - clean) <= 8.0, (final["val_top1"], clean)
 
 
 class Recorder:
@@ -118,8 +119,10 @@ class WarningLines(logging.Handler):
 def test_one_bad_batch_changes_nothing_and_the_run_ends_near_a_clean_one(digits, tmp_path, clean_top1,
                                                                          precision, zero_stage, value):
     setting = (f"engine.precision={precision}", f"engine.zero_stage={zero_stage}")
+    full_run = math.isnan(value)  # the Inf case only checks the skip itself (one epoch)
+    short = () if full_run else ("optim.epochs=1", "optim.warmup_epochs=0")
     recorder = Recorder([(0, 3), (0, 4)])  # before step 4 (batch 3 is the bad one) and after it
-    trainer = digits_trainer(digits, tmp_path, *setting, "engine.ema=true", "engine.ema_decay=0.9",
+    trainer = digits_trainer(digits, tmp_path, *setting, *short, "engine.ema=true", "engine.ema_decay=0.9",
                              bad={(0, 3): value}, observe=recorder)
     recorder.trainer = trainer
     final = trainer.fit()
@@ -128,7 +131,8 @@ def test_one_bad_batch_changes_nothing_and_the_run_ends_near_a_clean_one(digits,
     assert not changed(before, after), changed(before, after)[:5]
     assert any("running_var" in k for k in before) and any(k.startswith("ema.") for k in before)
     assert all_finite(model_state(trainer))
-    assert_near_clean(final, clean_top1(*setting))
+    if full_run:
+        assert_near_clean(final, clean_top1(*setting))
 
 
 def test_accumulation_restores_buffers_from_before_the_first_micro_batch(digits, tmp_path):
@@ -228,7 +232,8 @@ def test_bf16_episode_rolls_back_to_the_tag_before_the_first_skip(digits, tmp_pa
 
     setting = ("engine.precision=bf16", "engine.zero_stage=2")
     trainer = digits_trainer(digits, tmp_path, *setting, "checkpoint.every_steps=2",
-                             f"checkpoint.keep_last={keep_last}", "engine.nonfinite_max_skips=3", "engine.nonfinite_window=10",
+                             f"checkpoint.keep_last={keep_last}", "engine.nonfinite_max_skips=3",
+                             "engine.nonfinite_window=10",
                              bad={(0, 5): NAN, (0, 6): NAN, (0, 7): NAN}, observe=look_at_tags)
     with WarningLines() as warnings:
         final = trainer.fit()

@@ -235,7 +235,8 @@ class Trainer:
             if batch_idx >= usable_batches:
                 break
             data_time += time.perf_counter() - t_data
-            loss = self.micro_step(images, targets, micro_batch=batch_idx % accum)  # epochs start on a step boundary
+            # Epochs and resumes start on a step boundary, so batch_idx % accum is the micro-batch.
+            loss = self.micro_step(images, targets, micro_batch=batch_idx % accum)
             finite = torch.isfinite(loss)
             loss_sum += torch.where(finite, loss.double(), 0.0)
             loss_count += finite
@@ -420,7 +421,7 @@ class Trainer:
         new_precision = "fp32" if old_precision == "bf16" else old_precision
         self.log.warning("rolling back to %s, the newest checkpoint saved before %s: %s; continuing in %s%s",
                          target, since, why, new_precision,
-                         f"; removed the {len(removed)} newer tags ({', '.join(removed)})" if removed else "")
+                         f"; removed the newer {', '.join(removed)}" if removed else "")
         if new_precision != old_precision:
             # The fp32 master weights of the bf16 run seed a fresh fp32 engine; Adam moments restart.
             saved = read_client_state(root, target)
