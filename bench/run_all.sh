@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark with defaults sized for a small CPU machine (2 cores: ~10 minutes in all).
+# Every benchmark with defaults sized for a small CPU machine (2 cores: ~12 minutes in all).
 # Usage: bench/run_all.sh [> bench/my_results.txt]     GPU: see bench/RESULTS.md, "GPU (device tool)".
 set -euo pipefail
 cd "$(dirname "$0")/.."
