@@ -415,3 +415,38 @@ def test_an_episode_stays_open_across_a_crash_and_resume(tmp_path, process_group
     assert checkpointing.read_meta(root, "step_00000006")[checkpointing.EPISODE] == 3
     assert checkpointing.is_clean(root, "step_00000008")  # step 3 left the window at step 7
     assert checkpointing.rollback_target(root) == "step_00000008"
+
+
+def fake_tag(root, tag: str, **meta) -> None:
+    os.makedirs(os.path.join(root, tag), exist_ok=True)
+    with open(os.path.join(root, tag, checkpointing.COMPLETE), "w") as fh:
+        json.dump(meta, fh)
+
+
+def test_rollback_bookkeeping_targets_prunes_and_pointers(tmp_path):
+    """On tag directories alone: the rollback target is the newest unmarked tag, pruning spares it
+    whatever keep_last, and discarding the newer tags puts `latest` and `best` back."""
+    root = str(tmp_path)
+    fake_tag(root, "step_00000002", best="step_00000002")
+    fake_tag(root, "step_00000004", best="step_00000002")
+    fake_tag(root, "step_00000006", best="step_00000006", **{checkpointing.EPISODE: 5})
+    fake_tag(root, "step_00000008", best="step_00000006", **{checkpointing.EPISODE: 5})
+    os.makedirs(os.path.join(root, "step_00000010"))  # a killed save: no COMPLETE
+    for name, tag in (("best", "step_00000006"), ("latest", "step_00000008")):
+        (tmp_path / name).write_text(tag)
+    assert checkpointing.rollback_target(root) == "step_00000004"
+    checkpointing.prune(root, keep_last=1)
+    assert checkpointing.complete_tags(root) == ["step_00000004", "step_00000006", "step_00000008"]
+    assert not (tmp_path / "step_00000010").exists()
+    assert checkpointing.discard_after(root, "step_00000004") == ["step_00000006", "step_00000008"]
+    assert checkpointing.complete_tags(root) == ["step_00000004"]
+    assert checkpointing.read_pointer(root, "latest") == "step_00000004"
+    assert not (tmp_path / "best").exists()  # its best, step_00000002, was pruned: no stale pointer
+
+    again = str(tmp_path / "again")  # without pruning in between, `best` goes back to step_00000002
+    fake_tag(again, "step_00000002", best="step_00000002")
+    fake_tag(again, "step_00000004", best="step_00000002")
+    fake_tag(again, "step_00000006", best="step_00000006", **{checkpointing.EPISODE: 5})
+    (tmp_path / "again" / "best").write_text("step_00000006")
+    checkpointing.discard_after(again, checkpointing.rollback_target(again))
+    assert checkpointing.read_pointer(again, "best") == "step_00000002"
