@@ -19,7 +19,6 @@ Target: guard alone < 1% of the dwnet_tiny step.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time

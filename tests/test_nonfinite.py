@@ -4,6 +4,7 @@ argument and the tests check what a skipped step leaves, where a rollback lands,
 non-finite is saved, exported, evaluated or called best."""
 from __future__ import annotations
 
+import csv
 import gc
 import importlib.util
 import json
@@ -297,8 +298,6 @@ def test_non_finite_evaluation_is_reported_and_never_best(digits, tmp_path):
     with WarningLines() as warnings:
         trainer.fit()
     assert sum("evaluation loss is not finite" in w for w in warnings) == 1
-    import csv
-
     with open(tmp_path / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["val_loss"] for r in rows][0] == "nan" and "not a best candidate" in rows[0]["note"]
