@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -66,21 +67,40 @@ def main(argv: list[str] | None = None) -> int:
 
         required = [p for p in (cfg.data.train_path, cfg.data.val_path) if p]
         run_preflight(required_files=required, writable_dirs=[cfg.checkpoint.dir], beton_files=preflight_betons(cfg))
-    from dwnet.engine import Trainer
+    from dwnet.engine import Trainer, TrainingDiverged
 
     trainer = Trainer(cfg, env.rank, env.world_size, device)
-    final = trainer.fit()
+    try:
+        final = trainer.fit()
+    except TrainingDiverged as err:
+        stop_in_one_line(f"training stopped: {err}", env)
     if env.rank == 0 and final:
         print(json.dumps({"final": final}))
     return 0
 
 
+def stop_in_one_line(message: str, env) -> None:
+    """Every rank reached the same decision at the same step: rank 0 says it once (and the others
+    wait for that, so that a launcher tearing the job down cannot cut it off), all exit 1."""
+    import torch.distributed as dist
+
+    if env.rank == 0:
+        print(message, file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+    raise SystemExit(1)
+
+
 def export(cfg, args: argparse.Namespace) -> int:
     from dwnet.engine.checkpointing import checkpoint_root
     from dwnet.engine.export import export_official, resolve_tag
+    from dwnet.engine.finite import NonFiniteModelError
 
     tag = resolve_tag(cfg.checkpoint.dir, args.checkpoint_tag)
-    out = export_official(checkpoint_root(cfg.checkpoint.dir), tag, args.export, extra={"arch": cfg.model.name})
+    try:
+        out = export_official(checkpoint_root(cfg.checkpoint.dir), tag, args.export, extra={"arch": cfg.model.name})
+    except NonFiniteModelError as err:
+        raise SystemExit(f"export refused: {err}") from None
     print(f"exported {cfg.checkpoint.dir} [{tag}] -> {out}")
     return 0
 
@@ -93,6 +113,7 @@ def evaluate(cfg, args: argparse.Namespace, env, device) -> int:
     from dwnet.models import build_model
     from dwnet.engine.checkpointing import checkpoint_root
     from dwnet.engine.export import consolidated_state_dict, resolve_tag
+    from dwnet.engine.finite import NonFiniteModelError, check_state_dict
     from dwnet.engine.metrics import evaluate as run_eval
     from dwnet.models import load_checkpoint, load_state_dict_checked
 
@@ -108,15 +129,23 @@ def evaluate(cfg, args: argparse.Namespace, env, device) -> int:
         load_state_dict_checked(model, consolidated_state_dict(checkpoint_root(run_dir), tag), source, strict=True)
     else:
         load_checkpoint(model, source, strict=True)
+    try:  # every rank loaded the same file: each reaches the same verdict without a collective
+        check_state_dict(model.state_dict(), source, fix="evaluate an earlier checkpoint (--checkpoint-tag step_N)")
+    except NonFiniteModelError as err:
+        stop_in_one_line(f"eval refused: {err}", env)
     model = model.to(device).eval()
     loader = build_val_loader(cfg.data, rank=env.rank, world_size=env.world_size, device=device,
                               channels_last=cfg.model.channels_last)
     results = run_eval(model, loader, device, torch.float32)
+    finite = all(math.isfinite(results[k]) for k in ("top1", "top5", "loss"))
     if env.rank == 0:
         print(f"eval {source} on {cfg.data.val_path}: top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  "
               f"loss {results['loss']:.4f}  ({results['samples']} images)")
         print(json.dumps({"eval": results}))
-    return 0
+        if not finite:
+            print(f"eval {source}: the loss is not finite (finite weights, overflowing activations); "
+                  "these figures are not a valid result", file=sys.stderr)
+    return 0 if finite else 1
 
 
 def throughput(cfg, device, rank: int) -> int:

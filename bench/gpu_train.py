@@ -137,12 +137,11 @@ def device_peak(device: torch.device) -> dict[str, Any]:
 
 
 def _step(trainer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    engine = trainer.engine
-
+    """One optimizer step exactly as the training loop takes it: forward, backward, DeepSpeed's
+    update, and the non-finite guard's collective decision (buffer snapshot included)."""
     def step(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = trainer.loss_fn(engine(images.to(trainer.dtype)), targets)
-        engine.backward(loss)
-        engine.step()
+        loss = trainer.micro_step(images, targets, 0)
+        trainer.finish_step()
         return loss
     return step
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark with defaults sized for a small CPU machine (2 cores: ~13 minutes in all).
+# Every benchmark with defaults sized for a small CPU machine (2 cores: ~14 minutes in all).
 # Usage: bench/run_all.sh [> bench/my_results.txt]     GPU: see bench/RESULTS.md, "GPU (device tool)".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,3 +14,4 @@ run "$PY" bench/zero_memory.py --world-sizes 2 4
 run "$PY" bench/scaling.py --rounds 3
 run "$PY" bench/loader.py --images 768 --rounds 3
 run "$PY" bench/data_prep.py --images 3000 --rounds 3
+run "$PY" bench/nonfinite_guard.py --repeats 5

@@ -7,6 +7,10 @@ Layout under the run directory:
     checkpoints/latest              name of the newest complete tag (atomic replace)
     checkpoints/best                name of the tag with the best validation top-1
 A SIGKILL mid-save leaves a tag without COMPLETE, which resume ignores and pruning removes.
+
+COMPLETE holds the tag's metadata. A tag saved while a non-finite episode was open (skipped steps
+in the guard's window) carries `nonfinite_episode` (the episode's first skipped step): it is never a
+rollback target, and pruning always spares the newest tag without it, the rollback target.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torch.distributed as dist
 from dwnet.atomic_io import atomic_open, fsync_tree
 
 COMPLETE = "COMPLETE"
+EPISODE = "nonfinite_episode"  # COMPLETE key: first skipped step of the episode open at save time
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -65,6 +70,18 @@ def newest_complete_tag(root: str) -> str | None:
     return tags[-1] if tags else None
 
 
+def is_clean(root: str, tag: str) -> bool:
+    """Saved with no non-finite episode open (tags from before this key existed count as clean)."""
+    return read_meta(root, tag).get(EPISODE) is None
+
+
+def rollback_target(root: str) -> str | None:
+    """The newest complete tag saved outside any non-finite episode. Every tag saved after the
+    current episode's first skip is marked, so this tag predates that skip."""
+    clean = [t for t in complete_tags(root) if is_clean(root, t)]
+    return clean[-1] if clean else None
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -97,7 +114,9 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep_las
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        _atomic_write_text(os.path.join(root, tag, COMPLETE), json.dumps(dict(meta or {}, step=step)))
+        # The best tag as of this save, so that a rollback to this tag can restore the pointer.
+        best = tag if is_best else read_pointer(root, "best")
+        _atomic_write_text(os.path.join(root, tag, COMPLETE), json.dumps(dict(meta or {}, step=step, best=best)))
         _atomic_write_text(os.path.join(root, "latest"), tag)
         if is_best:
             _atomic_write_text(os.path.join(root, "best"), tag)
@@ -108,18 +127,46 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep_las
 
 
 def prune(root: str, keep_last: int) -> None:
-    """Removes complete tags beyond the newest `keep_last` (sparing `best`) and incomplete ones.
+    """Removes complete tags beyond the newest `keep_last` (sparing `best` and the rollback
+    target) and incomplete ones.
 
     Called on rank 0 after every rank finished saving, so an incomplete tag is a killed save.
     """
     keep = set(complete_tags(root)[-keep_last:])
-    best = read_pointer(root, "best")
-    if best:
-        keep.add(best)
+    for spared in (read_pointer(root, "best"), rollback_target(root)):
+        if spared:
+            keep.add(spared)
     for tag in os.listdir(root):
         path = os.path.join(root, tag)
         if tag.startswith("step_") and os.path.isdir(path) and tag not in keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def discard_after(root: str, target: str) -> list[str]:
+    """Collective. Removes every tag newer than `target` (a rollback abandons the steps they hold:
+    left in place, resume would pick them, and the replayed steps could not save under their
+    names), points `latest` at `target` and `best` at the best tag as of `target`. Returns the
+    removed tags (on rank 0; the others return [])."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    removed: list[str] = []
+    if rank == 0:
+        removed = sorted(t for t in os.listdir(root) if t.startswith("step_") and t > target)
+        # COMPLETE goes first: a crash half way leaves incomplete tags, which resume ignores.
+        for tag in removed:
+            marker = os.path.join(root, tag, COMPLETE)
+            if os.path.isfile(marker):
+                os.remove(marker)
+        for tag in removed:
+            shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+        _atomic_write_text(os.path.join(root, "latest"), target)
+        best = read_meta(root, target).get("best")
+        if best and os.path.isfile(os.path.join(root, best, COMPLETE)):
+            _atomic_write_text(os.path.join(root, "best"), best)
+        elif os.path.isfile(os.path.join(root, "best")) and read_pointer(root, "best") is None:
+            os.remove(os.path.join(root, "best"))
+    if dist.is_initialized():
+        dist.barrier()
+    return removed
 
 
 def load(engine, run_dir: str, tag: str, load_optimizer_states: bool = True) -> dict[str, Any]:
@@ -131,8 +178,13 @@ def load(engine, run_dir: str, tag: str, load_optimizer_states: bool = True) -> 
     if client_state is None:
         raise RuntimeError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint; "
                            "remove the tag directory to fall back to the previous one")
+    load_rng_state(root, tag)
+    return client_state
+
+
+def load_rng_state(root: str, tag: str) -> None:
+    """This rank's RNG states as saved in `tag` (if it has them)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = os.path.join(root, tag, f"rng_rank{rank}.pt")
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return client_state

@@ -10,6 +10,7 @@ import torch
 from dwnet.atomic_io import atomic_open
 
 from . import checkpointing
+from .finite import check_state_dict
 
 
 def _model_states_file(tag_dir: str) -> str:
@@ -46,10 +47,15 @@ def consolidated_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
 
 
 def export_official(root: str, tag: str, out_path: str, extra: dict[str, Any] | None = None) -> str:
-    """Writes `{'model': fp32 state_dict, 'epoch', 'max_accuracy'}` atomically; returns out_path."""
+    """Writes `{'model': fp32 state_dict, 'epoch', 'max_accuracy'}` atomically; returns out_path.
+    Raises NonFiniteModelError (nothing written) if any tensor of the model is NaN or Inf."""
     states = read_client_state(root, tag)
     progress = states.get("progress", {})
-    payload = {"model": consolidated_state_dict(root, tag), "epoch": progress.get("epoch", 0),
+    model = consolidated_state_dict(root, tag)
+    others = [t for t in checkpointing.complete_tags(root) if t != tag]
+    fix = "export another tag with --checkpoint-tag" + (f" (complete: {', '.join(others)})" if others else "")
+    check_state_dict(model, os.path.join(root, tag), fix=fix)
+    payload = {"model": model, "epoch": progress.get("epoch", 0),
                "max_accuracy": progress.get("best_top1", -1.0)}
     payload.update(extra or {})
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

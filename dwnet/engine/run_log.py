@@ -18,7 +18,7 @@ from dwnet.config import RunConfig
 from dwnet.preflight import package_versions
 
 CSV_FIELDS = ["epoch", "step", "precision", "lr", "train_loss", "val_top1", "val_top5", "val_loss",
-              "ema_top1", "ema_top5", "skipped_steps", "images_per_s", "epoch_seconds"]
+              "ema_top1", "ema_top5", "skipped_steps", "images_per_s", "epoch_seconds", "note"]
 
 
 class RunLog:
@@ -44,8 +44,19 @@ class RunLog:
         if self.rank == 0 or all_ranks:
             self.logger.info(msg, *args, extra={"rank": self.rank})
 
-    def warning(self, msg: str, *args: Any) -> None:
-        self.logger.warning(msg, *args, extra={"rank": self.rank})
+    def warning(self, msg: str, *args: Any, all_ranks: bool = False) -> None:
+        if self.rank == 0 or all_ranks:
+            self.logger.warning(msg, *args, extra={"rank": self.rank})
+
+    def to_file(self, msg: str, *args: Any) -> None:
+        """train.log only: for what the caller also reports on the console in its own words."""
+        if self.rank != 0:
+            return
+        record = self.logger.makeRecord(self.logger.name, logging.ERROR, __file__, 0, msg, args, None,
+                                        extra={"rank": self.rank})
+        for handler in self.logger.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
 
     def header(self, cfg: RunConfig, world_size: int, precision: str, deepspeed_config: dict) -> None:
         if self.rank != 0:

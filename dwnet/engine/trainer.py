@@ -6,6 +6,7 @@ epochs; `_train_epoch()` is the loop; the rest are the pieces it calls.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,16 +27,19 @@ from dwnet.models import build_model
 from . import checkpointing
 from .ds_config import build_deepspeed_config
 from .export import consolidated_state_dict, read_client_state
+from .finite import nonfinite_on_any_rank, preview
 from .metrics import evaluate
 from .nonfinite import NonFiniteGuard, Verdict
 from .optim import build_optimizer, build_scheduler, scaled_lrs
 from .run_log import RunLog
+from .step_guard import StepGuard, StepOutcome
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingDiverged(RuntimeError):
-    """Non-finite steps persisted after the fallback: the run stops instead of burning compute."""
+    """Non-finite steps persisted after the fallback (or there is no clean checkpoint to return
+    to): the run stops instead of burning compute. The message is one line saying what to change."""
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Progress:
     precision: str = "fp32"
     fallbacks: int = 0
     history: list = field(default_factory=list)  # precision switches, for the record
+    recent_skips: list = field(default_factory=list)  # skipped steps in the guard's window at save time
 
 
 class Trainer:
@@ -77,6 +82,7 @@ class Trainer:
             self.progress.precision = meta.get("precision", self.progress.precision)
         self._build_data(train_loader, val_loader)
         self.guard = NonFiniteGuard(cfg.engine.nonfinite_max_skips, cfg.engine.nonfinite_window)
+        self.step_guard = StepGuard(world_size)
         self._build_engine(self.progress.precision)
         if self.resume_tag:
             self._resume(self.resume_tag)
@@ -148,6 +154,8 @@ class Trainer:
 
     def _resume(self, tag: str) -> None:
         self._restore(tag)
+        # A crash does not close a non-finite episode: tags saved after the resume stay marked.
+        self.guard.skipped_steps.extend(self.progress.recent_skips)
         self.log.info("resumed from %s: epoch %d, batch %d, step %d, precision %s", tag,
                       self.progress.epoch, self.progress.batch_in_epoch, self.progress.step, self.progress.precision)
 
@@ -177,9 +185,10 @@ class Trainer:
         last_eval: dict = {}
         while self.progress.epoch < cfg.optim.epochs:
             epoch_stats = self._train_epoch()
-            if epoch_stats is None:  # rolled back: the epoch loop restarts from the restored position
-                continue
-            last_eval = self._end_of_epoch(epoch_stats)
+            # None: rolled back, and the epoch loop restarts from the restored position.
+            row = self._end_of_epoch(epoch_stats) if epoch_stats is not None else None
+            if row is not None:
+                last_eval = row
         return last_eval
 
     def _train_epoch(self) -> dict | None:
@@ -202,12 +211,10 @@ class Trainer:
             if batch_idx >= usable_batches:
                 break
             data_time += time.perf_counter() - t_data
-            logits = self.engine(images.to(self.dtype))
-            loss = self.loss_fn(logits, targets)
-            self.engine.backward(loss)
-            self.engine.step()
-            finite = torch.isfinite(loss.detach())
-            loss_sum += torch.where(finite, loss.detach().double(), 0.0)
+            # Epochs and resumes start on a step boundary, so batch_idx % accum is the micro-batch.
+            loss = self.micro_step(images, targets, micro_batch=batch_idx % accum)
+            finite = torch.isfinite(loss)
+            loss_sum += torch.where(finite, loss.double(), 0.0)
             loss_count += finite
             batches_seen += 1
             images_since_log += images.shape[0]
@@ -216,19 +223,17 @@ class Trainer:
                 t_data = time.perf_counter()
                 continue
             # ---- optimizer-step boundary ----
-            p.step += 1
             p.batch_in_epoch = batch_idx + 1
-            applied = self.engine.was_step_applied()
-            verdict = self.guard.record(p.step, applied)
-            self.scheduler.step_update(p.step)
-            if applied and self.ema is not None:
-                self.ema.update(self.engine.module, step=p.step)
-            if verdict is not Verdict.OK:
-                self.log.warning("step %d skipped: non-finite loss or gradient (loss=%s, %d skipped in the last %d steps)",
-                                 p.step, f"{loss.item():.4g}", len(self.guard.skipped_steps), cfg.engine.nonfinite_window)
+            outcome = self.finish_step()
+            verdict = self.guard.record(p.step, applied=not outcome.skipped)
+            if outcome.skipped:
+                self.log.warning("step %d skipped: %s; parameters, optimizer state, BatchNorm statistics and EMA "
+                                 "are unchanged (%d skipped in the last %d steps)", p.step, outcome.reason(),
+                                 self.guard.skips_in_window(p.step), cfg.engine.nonfinite_window)
             if verdict is Verdict.ROLLBACK:
                 bar.close()
-                self._recover_from_divergence()
+                self._roll_back(f"{self.guard.skips_in_window(p.step)} non-finite steps within "
+                                f"{cfg.engine.nonfinite_window} steps at step {p.step}")
                 return None
             if p.step % cfg.log.every_steps == 0:
                 elapsed = time.perf_counter() - t_log
@@ -243,8 +248,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
                 t_log, data_time, images_since_log = time.perf_counter(), 0.0, 0
             if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0 \
-                    and p.batch_in_epoch < usable_batches:
-                self.save()
+                    and p.batch_in_epoch < usable_batches and self.save() is None:
+                bar.close()
+                self._roll_back(f"the model was not finite at step {p.step} (checkpoint not written)")
+                return None
             t_data = time.perf_counter()
         bar.close()
         if batches_seen == 0 and start < usable_batches:
@@ -257,30 +264,66 @@ class Trainer:
         return {"train_loss": loss_sum.item() / max(loss_count.item(), 1), "epoch_seconds": seconds,
                 "images_per_s": (usable_batches - start) * cfg.data.batch_size * self.world_size / max(seconds, 1e-9)}
 
+    def micro_step(self, images: torch.Tensor, targets: torch.Tensor, micro_batch: int) -> torch.Tensor:
+        """Forward and backward of micro-batch `micro_batch` (0-based) of the current optimizer step;
+        DeepSpeed applies the update after the last one. Returns the detached loss."""
+        if micro_batch == 0:
+            self.step_guard.begin(self.engine.module)  # the buffers as they were before this step
+        loss = self.loss_fn(self.engine(images.to(self.dtype)), targets)
+        last = micro_batch == self.cfg.optim.accumulation_steps - 1
+        self.engine.backward(self.step_guard.loss_for_backward(loss, last_micro_batch=last))
+        self.engine.step()
+        return loss.detach()
+
+    def finish_step(self) -> StepOutcome:
+        """Collective, after the step's last micro_step: counts the step, decides on every rank
+        at once whether it was kept (a skipped one has changed nothing), moves the LR schedule,
+        and updates the EMA if the step was kept."""
+        p = self.progress
+        p.step += 1
+        outcome = self.step_guard.end(self.engine.was_step_applied(), p.step)
+        self.scheduler.step_update(p.step)
+        if not outcome.skipped and self.ema is not None:
+            self.ema.update(self.engine.module, step=p.step)
+        return outcome
+
     def _memory_scalars(self) -> dict[str, float]:
         if self.device.type == "cuda":
             return {"Memory/allocated_gb": torch.cuda.memory_allocated() / 2**30,
                     "Memory/max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30}
         return {}
 
-    def _end_of_epoch(self, stats: dict) -> dict:
+    def _end_of_epoch(self, stats: dict) -> dict | None:
+        """Evaluates, records and saves the finished epoch; None if it rolled back instead."""
         p = self.progress
         p.epoch += 1
         p.batch_in_epoch = 0
+        # Checked before BN statistics are averaged over ranks, which would spread a poisoned one.
+        if self._model_not_finite():
+            self._roll_back(f"the model was not finite at the end of epoch {p.epoch} (step {p.step})")
+            return None
         results = self.evaluate_all()
         top1 = results.get("val_top1", -1.0)
-        is_best = top1 > p.best_top1
+        losses = {k: v for k, v in results.items() if k.endswith("_loss")}
+        note = ""
+        if not all(math.isfinite(v) for v in losses.values()):
+            note = "non-finite eval loss: not a best candidate"
+            self.log.warning("epoch %d: evaluation loss is not finite (%s); this epoch cannot become best",
+                             p.epoch, ", ".join(f"{k} {v:.4g}" for k, v in losses.items()))
+        is_best = top1 > p.best_top1 and not note
         if is_best:
             p.best_top1 = top1
         row = dict(epoch=p.epoch, step=p.step, precision=p.precision, lr=self.optimizer.param_groups[0]["lr"],
-                   skipped_steps=self.guard.total_skipped, **stats, **results)
+                   skipped_steps=self.guard.total_skipped, note=note, **stats, **results)
         self.log.epoch_row(row)
         self.log.scalars(p.step, {f"Epoch/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"})
         self.log.info("epoch %d/%d: train loss %.4f | val top-1 %.2f top-5 %.2f loss %.4f%s | %.0f img/s",
                       p.epoch, self.cfg.optim.epochs, stats["train_loss"], results.get("val_top1", float("nan")),
                       results.get("val_top5", float("nan")), results.get("val_loss", float("nan")),
                       f" | EMA top-1 {results['ema_top1']:.2f}" if "ema_top1" in results else "", stats["images_per_s"])
-        self.save(is_best=is_best)
+        if self.save(is_best=is_best) is None:
+            self._roll_back(f"the model was not finite at the end of epoch {p.epoch} (checkpoint not written)")
+            return None
         return row
 
     # ---- evaluation -----------------------------------------------------------------------
@@ -298,47 +341,81 @@ class Trainer:
         if self.ema is not None:
             self.ema.module.eval()
             ema = evaluate(self.ema.module, self.val_loader, self.device, torch.float32)
-            results.update({"ema_top1": ema["top1"], "ema_top5": ema["top5"]})
+            results.update({"ema_top1": ema["top1"], "ema_top5": ema["top5"], "ema_loss": ema["loss"]})
         self.engine.train()
         return results
 
     # ---- checkpoints and recovery ---------------------------------------------------------
-    def save(self, is_best: bool = False, suffix: str = "") -> str:
+    def _model_not_finite(self) -> bool:
+        """Collective: does any rank hold a NaN/Inf parameter or buffer, in the model or the EMA?
+        Each rank with one logs which."""
+        modules = [("", self.engine.module)] + ([("ema.", self.ema.module)] if self.ema is not None else [])
+        bad, names = nonfinite_on_any_rank(modules)
+        if names:
+            self.log.warning("step %d: %s not finite on this rank", self.progress.step, preview(names), all_ranks=True)
+        return bad
+
+    def save(self, is_best: bool = False, suffix: str = "") -> str | None:
+        """Collective. Writes a checkpoint and returns its tag, or writes nothing and returns None
+        when the model or EMA is not finite on some rank (the caller rolls back)."""
+        if self._model_not_finite():
+            return None
         self.sync_batchnorm_statistics()
-        client_state = {"progress": self.progress.__dict__.copy(),
+        p = self.progress
+        meta = {"step": p.step, "epoch": p.epoch, "precision": p.precision}
+        p.recent_skips = [] if not self.guard.skips_in_window(p.step) else list(self.guard.skipped_steps)
+        if p.recent_skips:
+            meta[checkpointing.EPISODE] = p.recent_skips[0]
+        client_state = {"progress": p.__dict__.copy(),
                         "ema": self.ema.module.state_dict() if self.ema is not None else None}
-        tag = checkpointing.save(self.engine, self.run_dir, self.progress.step, client_state,
-                                 self.cfg.checkpoint.keep_last, is_best=is_best, suffix=suffix,
-                                 meta={"step": self.progress.step, "epoch": self.progress.epoch,
-                                       "precision": self.progress.precision})
-        self.log.info("saved checkpoint %s", tag)
+        tag = checkpointing.save(self.engine, self.run_dir, p.step, client_state, self.cfg.checkpoint.keep_last,
+                                 is_best=is_best, suffix=suffix, meta=meta)
+        episode = meta.get(checkpointing.EPISODE)
+        self.log.info("saved checkpoint %s%s", tag, "" if episode is None else
+                      f" (non-finite episode open since step {episode}: not a rollback target)")
         return tag
 
-    def _recover_from_divergence(self) -> None:
+    def _roll_back(self, why: str) -> None:
+        """Collective. Reloads the newest checkpoint saved before the current non-finite episode
+        (bf16 continues in fp32), or stops the run with TrainingDiverged when that was tried already
+        or there is none. Tags newer than the target are removed: they hold abandoned steps."""
         p = self.progress
         root = checkpointing.checkpoint_root(self.run_dir)
-        tag = checkpointing.newest_complete_tag(root)
-        if p.fallbacks >= 1 or tag is None:
-            raise TrainingDiverged(
-                f"{self.guard.max_skips} non-finite steps within {self.guard.window} steps at step {p.step}"
-                + (" again after the fallback" if p.fallbacks else " and no checkpoint to roll back to")
-                + f"; lower optim.base_lr or raise optim.warmup_epochs, then resume from {root}")
+        first_skip = self.guard.first_skip()
+        since = f"the first skipped step {first_skip}" if first_skip is not None else f"step {p.step}"
+        if dist.is_initialized():
+            dist.barrier()  # every rank has read the tags' metadata before any is removed
+        target = checkpointing.rollback_target(root)
+        removed = checkpointing.discard_after(root, target) if target is not None else []
+        if p.fallbacks >= 1 or target is None:
+            message = (why + (" again after the fallback" if p.fallbacks else "; no clean checkpoint to roll back to")
+                       + f"; lower optim.base_lr or raise optim.warmup_epochs, then resume from {root}"
+                       + (f" (it restarts from {target}, the newest checkpoint before {since})" if target else ""))
+            self.log.to_file("stopping: %s", message)
+            raise TrainingDiverged(message)
         old_precision = p.precision
         new_precision = "fp32" if old_precision == "bf16" else old_precision
-        self.log.warning("too many non-finite steps: rolling back to %s and continuing in %s", tag, new_precision)
+        self.log.warning("rolling back to %s, the newest checkpoint saved before %s: %s; continuing in %s%s",
+                         target, since, why, new_precision,
+                         f"; removed the newer {', '.join(removed)}" if removed else "")
         if new_precision != old_precision:
             # The fp32 master weights of the bf16 run seed a fresh fp32 engine; Adam moments restart.
-            saved = read_client_state(root, tag)
-            self._build_engine(new_precision, state_dict=consolidated_state_dict(root, tag))
+            saved = read_client_state(root, target)
+            self._build_engine(new_precision, state_dict=consolidated_state_dict(root, target))
             self.progress = Progress(**saved["progress"])
             self.progress.precision = new_precision
             if self.ema is not None and saved.get("ema") is not None:
                 self.ema.module.load_state_dict(saved["ema"])
+            checkpointing.load_rng_state(root, target)
         else:
-            self._restore(tag)
+            self._restore(target)
+        self.guard.reset()
         self.progress.fallbacks += 1
         self.progress.history.append({"step": self.progress.step, "from": old_precision, "to": new_precision})
         self.scheduler.step_update(self.progress.step)
         # Record the switch (under a new tag: the good checkpoint is never overwritten) so that a
         # crash from here on resumes in the new precision.
-        self.save(suffix=f"fallback{self.progress.fallbacks}")
+        if self.save(suffix=f"fallback{self.progress.fallbacks}") is None:
+            message = f"{target} is not finite after reloading it; resume from an earlier tag of {root}"
+            self.log.to_file("stopping: %s", message)
+            raise TrainingDiverged(message)

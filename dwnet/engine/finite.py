@@ -1,0 +1,67 @@
+"""Is a model finite? The checks behind "nothing non-finite is saved, exported, evaluated or
+called best", shared by the trainer, the export and the eval command."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+class NonFiniteModelError(ValueError):
+    """A model or checkpoint holds NaN or Inf values; the message names the tensors and the fix."""
+
+
+def floating_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every floating parameter and buffer of `module`, by state_dict name. Under ZeRO-3 a rank
+    holds only its partition of each parameter (`ds_tensor`): that partition is what it checks."""
+    for name, param in module.named_parameters():
+        tensor = getattr(param, "ds_tensor", param)
+        if tensor.is_floating_point():
+            yield name, tensor.detach()
+    for name, buf in module.named_buffers():
+        if buf.is_floating_point():
+            yield name, buf
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One boolean device tensor (no host sync): are all `tensors` free of NaN and Inf?
+
+    The max-abs norm keeps NaN and Inf and, unlike a sum, cannot overflow on finite values; the
+    foreach form is one fused kernel per device and dtype on GPU."""
+    if not tensors:
+        return torch.tensor(True)
+    norms = torch._foreach_norm(list(tensors), float("inf"))
+    return torch.isfinite(torch.stack([n.float() for n in norms])).all()
+
+
+def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating tensors holding a NaN or Inf (a slow, per-tensor pass for messages)."""
+    return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def preview(names: Sequence[str], limit: int = 3) -> str:
+    """'48 tensors (a, b, c, ...)': enough to recognise the pattern on one line."""
+    shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+    return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({shown})"
+
+
+def check_state_dict(state: dict[str, torch.Tensor], source: str, fix: str) -> None:
+    """Raises NonFiniteModelError naming `source`, the bad tensors and `fix` if any is not finite."""
+    bad = nonfinite_names(state.items())
+    if bad:
+        raise NonFiniteModelError(f"{source}: {preview(bad)} hold NaN or Inf values; {fix}")
+
+
+def nonfinite_on_any_rank(modules: Sequence[tuple[str, nn.Module]]) -> tuple[bool, list[str]]:
+    """Collective when a process group exists. Returns (whether any rank holds a non-finite tensor
+    in any of `modules`, the names of this rank's bad tensors prefixed by the module label)."""
+    named = [(f"{label}{name}", t) for label, module in modules for name, t in floating_tensors(module)]
+    local_ok = all_finite([t for _, t in named])
+    bad_ranks = (~local_ok).to(torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad_ranks)
+    if not bad_ranks.item():
+        return False, []
+    return True, nonfinite_names(named) if not bool(local_ok) else []
