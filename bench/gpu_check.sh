@@ -8,6 +8,7 @@
 #      on an ImageNet-like JPEG tree generated there, and writes one JSON with every figure.
 #
 #   bash bench/gpu_check.sh [--out DIR] [--budget-s SECONDS]   # on the GPU machine
+#   bash bench/gpu_check.sh --quick [--out DIR]                # the tests and dwnet_tiny's loaders only
 #   bash bench/gpu_check.sh --cpu-dry-run [--out DIR]          # the same steps on CPU, tiny sizes
 #
 # Where `import ffcv` still fails (no carried build, or its libraries do not load there) the loader
@@ -17,6 +18,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
 DRY_RUN=0
+QUICK=()
 OUT_DIR=""
 BUDGET_S=420
 while [[ $# -gt 0 ]]; do
@@ -24,6 +26,7 @@ while [[ $# -gt 0 ]]; do
     --cpu-dry-run) DRY_RUN=1 ;;
     --out) OUT_DIR="$2"; shift ;;
     --budget-s) BUDGET_S="$2"; shift ;;
+    --quick) QUICK=(--quick) ;;
     -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -62,4 +65,4 @@ if [[ $DRY_RUN == 1 ]]; then
   exec "$PYTHON" bench/gpu_check.py --out "$OUT_DIR" --budget-s "$BUDGET_S" --cpu-dry-run
 fi
 export DWNET_GPU_TESTS=1
-exec "$PYTHON" bench/gpu_check.py --out "$OUT_DIR" --budget-s "$BUDGET_S"
+exec "$PYTHON" bench/gpu_check.py --out "$OUT_DIR" --budget-s "$BUDGET_S" "${QUICK[@]}"

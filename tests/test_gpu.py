@@ -155,14 +155,14 @@ def test_nonfinite_step_is_skipped_on_cuda(process_group, tmp_path, settings):
     trainer = cuda_trainer(tmp_path, f"engine.zero_stage={zero_stage}", f"engine.precision={precision}",
                            "optim.epochs=1", poison=poison)
     snapshots = {}
-    original_step = trainer.engine.step
+    finish_step = trainer.finish_step
 
-    def recording_step(*args, **kwargs):
-        result = original_step(*args, **kwargs)
+    def recording_finish_step():  # the model as each optimizer step leaves it, guard included
+        outcome = finish_step()
         snapshots[len(snapshots)] = module_state(trainer)
-        return result
+        return outcome
 
-    trainer.engine.step = recording_step
+    trainer.finish_step = recording_finish_step
     trainer.fit()
     assert trainer.guard.total_skipped == 1
     before, after = snapshots[poisoned_batch - 1], snapshots[poisoned_batch]
