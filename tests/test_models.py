@@ -92,6 +92,9 @@ def test_missing_checkpoint_file_is_one_clear_line(tmp_path):
 
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_forward_backward_reaches_every_parameter(dynamic):
+    # Seeded: stochastic depth drops a branch for both samples of the batch in ~3% of draws, and
+    # that branch's parameters then rightly get no gradient.
+    torch.manual_seed(0)
     model = tiny_dwnet(dynamic, drop_path_rate=0.1).train()
     out = model(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 5)

@@ -6,13 +6,12 @@ must see real annotations, not strings.
 from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.fx
+import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, register_notrace_function
 
-__all__ = ["BatchNormFP32", "DynamicDepthwiseConv2d", "LayerNorm2d", "PatchEmbed", "PatchMerging",
-           "pad_to_multiple"]
+__all__ = ["BatchNormFP32", "DynamicDepthwiseConv2d", "PatchEmbed", "PatchMerging", "pad_to_multiple"]
 
 
 class BatchNormFP32(nn.BatchNorm2d):
