@@ -356,3 +356,11 @@ def test_train_py_throughput_mode_prints_images_per_second():
     assert "dwnet_nano @ 32px, batch 4, fp32" in out.stdout
     line = [line for line in out.stdout.splitlines() if line.startswith('{"throughput"')][-1]
     assert all(v > 0 for v in json.loads(line)["throughput"].values())
+
+
+def test_zero3_engine_leaves_torch_functions_alone(tmp_path, process_group):
+    """DeepSpeed's ZeRO-3 'memory-efficient linear' would replace torch.nn.functional.linear for the
+    rest of the process (breaking TorchScript and FX of any model built afterwards); it is off."""
+    make_trainer(tmp_path, "engine.zero_stage=3")
+    assert torch.nn.functional.linear is torch._C._nn.linear
+    torch.jit.script(timm.create_model("dwnet_femto", num_classes=10))

@@ -55,6 +55,9 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int, precision: str | Non
     if cfg.engine.zero_stage == 3:
         # Gather whole weights into the saved model file so export works without zero_to_fp32.
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        # DeepSpeed's memory-efficient linear replaces torch.nn.functional.linear for the whole
+        # process and never puts it back: TorchScript, FX and exports in the same process then fail.
+        ds["zero_optimization"]["memory_efficient_linear"] = False
     if cfg.engine.deepspeed_config:
         user = load_user_deepspeed_config(cfg.engine.deepspeed_config)
         for key in _OWNED:
