@@ -28,7 +28,7 @@ import tempfile
 import time
 
 from common import REPO_ROOT, median, print_machine, round_ratios, table, verdict
-from loader import write_tree
+from photo_tree import write_photo_tree
 
 # This file is bench/data_prep.py: with bench/ first on the path, `import data_prep` would find it
 # instead of the package. The benchmark helpers are imported; from here on, the repository comes first.
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.workdir or tmp
         tree = os.path.join(work, f"tree-{args.images}")
         if not os.path.isdir(tree):
-            write_tree(tree, args.images)
+            write_photo_tree(tree, args.images, num_classes=10)
         print(f"{args.images} JPEGs (~500x375), --max-resolution {args.max_resolution}, --write-mode "
               f"{args.write_mode}, quality {args.jpeg_quality}, {args.workers} workers; one warm-up conversion "
               f"each, then {args.rounds} alternating rounds")

@@ -29,8 +29,8 @@ import tempfile
 import time
 
 from common import REPO_ROOT, median, print_machine, round_ratios, table, verdict
+from photo_tree import write_photo_tree
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dwnet.config import AugmentConfig, DataConfig  # noqa: E402
@@ -38,41 +38,6 @@ from dwnet.data import build_train_loader  # noqa: E402
 
 TARGET = 3.0
 STAGES = {"uint8": "uint8 crops on the device", "float": "normalised float batches"}
-
-
-def sample_photos() -> list[np.ndarray]:
-    """RGB uint8 photos from the installed packages (no download)."""
-    import skimage.data
-    from sklearn.datasets import load_sample_images
-
-    photos = list(load_sample_images().images)
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "motorcycle_left"):
-        try:
-            image = getattr(skimage.data, name)()
-        except Exception:  # noqa: BLE001 - a photo missing from this scikit-image version: use the rest
-            continue
-        if image.ndim == 3 and image.shape[2] == 3:
-            photos.append(image)
-    return photos
-
-
-def write_tree(root: str, count: int, seed: int = 0) -> None:
-    """`count` JPEGs of about ImageNet's size and aspect mix, cut at random from the photos."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    photos = sample_photos()
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        pil = Image.fromarray(photo)
-        scale = 500 / max(photo.shape[:2]) * rng.uniform(1.0, 1.6)  # upscale a little, then cut
-        pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.BICUBIC)
-        w, h = (500, 375) if rng.random() < 0.75 else (375, 500)
-        w, h = min(w, pil.width), min(h, pil.height)
-        left, top = rng.integers(0, pil.width - w + 1), rng.integers(0, pil.height - h + 1)
-        folder = os.path.join(root, f"class{i % 10}")
-        os.makedirs(folder, exist_ok=True)
-        pil.crop((left, top, left + w, top + h)).save(os.path.join(folder, f"{i:06d}.JPEG"), quality=90)
 
 
 def epoch_time(loader, epoch: int, stage: str) -> tuple[float, int]:
@@ -109,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.workdir or tmp
         tree, out = os.path.join(work, "tree"), os.path.join(work, "beton")
         if not os.path.isdir(tree):
-            write_tree(tree, args.images)
+            write_photo_tree(tree, args.images, num_classes=10)
         out = f"{out}-{args.write_mode}"
         if not os.path.isfile(os.path.join(out, "train.beton")):
             subprocess.run([sys.executable, "-m", "data_prep", "convert", "--train-root", tree, "--out", out,
