@@ -128,24 +128,19 @@ def set_rank_env(rank: int, world_size: int, port: int, **extra: str) -> None:
 
 def build_engine(model_name: str, *, precision: str, zero_stage: int, batch: int, image_size: int,
                  run_dir: str, world_size: int):
-    """The engine train.py would build for this model and setting (run config -> AdamW groups with
-    scaled LRs -> generated DeepSpeed config), on an initialised process group.
-    Returns (engine, num_classes)."""
-    import deepspeed
-    import timm
+    """The engine train.py builds for this model and setting, built by the same code: a
+    `dwnet.engine.Trainer` without loaders (run config -> model -> AdamW groups with scaled LRs ->
+    generated DeepSpeed config -> deepspeed.initialize), on an initialised process group. The
+    trainer logs its config header to `run_dir`/train.log and stdout. Returns (engine, num_classes)."""
+    import torch.distributed as dist
 
-    import dwnet  # noqa: F401  (registers the models)
-    from dwnet.config import global_batch_size, load_config
-    from dwnet.engine.ds_config import build_deepspeed_config
-    from dwnet.engine.optim import build_optimizer, scaled_lrs
+    from dwnet.config import load_config
+    from dwnet.distributed import training_device
+    from dwnet.engine import Trainer
 
     cfg = load_config(None, [
         f"model.name={model_name}", f"engine.precision={precision}", f"engine.zero_stage={zero_stage}",
         f"data.batch_size={batch}", f"data.image_size={image_size}", "log.tensorboard=false",
-        f"checkpoint.dir={run_dir}"])
-    torch.manual_seed(0)
-    model = timm.create_model(cfg.model.name, pretrained=False, num_classes=cfg.model.num_classes)
-    optimizer = build_optimizer(model, cfg.optim, scaled_lrs(cfg.optim, global_batch_size(cfg, world_size)))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
-                                           config=build_deepspeed_config(cfg, world_size))
-    return engine, cfg.model.num_classes
+        f"checkpoint.dir={run_dir}", "checkpoint.auto_resume=false"])
+    trainer = Trainer(cfg, rank=dist.get_rank(), world_size=world_size, device=training_device())
+    return trainer.engine, cfg.model.num_classes

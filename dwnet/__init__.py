@@ -1,4 +1,23 @@
-"""dwnet-ds: DWNet / dynamic DWNet models and their DeepSpeed training system."""
+"""dwnet-ds: DWNet / dynamic DWNet models and their DeepSpeed training system.
+
+Where things live (one home per contract):
+
+- `errors`: `UserError`, the base of every one-line user-facing error.
+- `config`: the run config (`RunConfig`, `load_config`, validation) and `read_mapping_file`, the one
+  YAML/JSON reader.
+- `models/`: the registered DWNet variants, `create_model` / `build_model`, checkpoint loading,
+  BatchNorm fusion, FLOPs.
+- `data/`: FFCV and ImageFolder loaders, augmentations, per-rank sharding.
+- `engine/`: the generated DeepSpeed config (`ds_config`), AdamW groups and schedule (`optim`), the
+  `Trainer` loop, checkpoints, non-finite guards, throughput, export.
+- `distributed/`: launcher discovery (`discovery`), process group and device binding
+  (`process_group`), the fail-fast exit wrapper (`failfast`).
+- `preflight`: checks every rank runs before training.
+- `deploy/`: ONNX and `torch.export` files.
+
+Outside the package: `train.py` (the entry point), `data_prep/` (.beton conversion), `bench/`
+(benchmarks; engines built through `dwnet.engine.Trainer`), `launch/` (launcher recipes).
+"""
 from . import models  # noqa: F401  (registers the models with timm)
 
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import typing
@@ -195,21 +196,40 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+def read_mapping_file(path: str | os.PathLike, *, not_found: str, not_mapping: str,
+                      empty_is_mapping: bool = False) -> dict[str, Any]:
+    """Reads a YAML file (JSON when the name ends in .json) whose top level is a mapping.
+
+    Every failure is a one-line ConfigError starting with the path: `not_found` / `not_mapping`
+    say what the file is and how to fix it; a parse error names the line. `empty_is_mapping`
+    reads an empty file as {}.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: {not_found}")
+    is_json = str(path).endswith(".json")
+    with open(path) as fh:
+        try:
+            values = json.load(fh) if is_json else yaml.safe_load(fh)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: line {err.lineno} invalid JSON ({err.msg})") from err
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})") from err
+    if empty_is_mapping:
+        values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: {not_mapping}")
+    return values
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults (published recipe) <- YAML file <- overrides; then validate()."""
     cfg = RunConfig()
     if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: config file not found; see ds_configs/ for examples")
-        with open(path) as fh:
-            try:
-                values = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as err:
-                mark = getattr(err, "problem_mark", None)
-                where = f" line {mark.line + 1}" if mark else ""
-                raise ConfigError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})") from err
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections (model:, data:, ...)")
+        values = read_mapping_file(path, not_found="config file not found; see ds_configs/ for examples",
+                                   not_mapping="top level must be a mapping of sections (model:, data:, ...)",
+                                   empty_is_mapping=True)
         _apply(cfg, values, "", str(path))
     if overrides:
         _apply(cfg, parse_overrides(overrides), "", "--opts")

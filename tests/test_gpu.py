@@ -276,7 +276,7 @@ def test_fused_inference_matches_unfused(device, name):
 def test_rank_computes_on_the_gpu_it_was_bound_to(monkeypatch, visible, local_rank, expected):
     """A launcher that shows each rank only its own GPU (srun --gpus-per-task=1) gives LOCAL_RANK=3
     and one visible device: that rank must run on cuda:0, not ask for cuda:3."""
-    import dwnet.distributed as distributed
+    from dwnet.distributed import process_group as distributed
 
     bound: list[int] = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)

@@ -1,31 +1,15 @@
 """The DeepSpeed config a run uses, generated from the run config so the two cannot disagree."""
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from typing import Any
 
-import yaml
-
-from dwnet.config import ConfigError, RunConfig, global_batch_size
+from dwnet.config import ConfigError, RunConfig, global_batch_size, read_mapping_file
 
 # Keys that the run config owns; a user DeepSpeed file may not contradict them silently.
 _OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
           "gradient_clipping", "optimizer", "scheduler")
-
-
-def load_user_deepspeed_config(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: DeepSpeed config not found (engine.deepspeed_config / --deepspeed_config)")
-    with open(path) as fh:
-        try:
-            values = json.load(fh) if path.endswith(".json") else yaml.safe_load(fh)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({err})") from err
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: a DeepSpeed config must be a mapping")
-    return values
 
 
 def build_deepspeed_config(cfg: RunConfig, world_size: int, precision: str | None = None) -> dict[str, Any]:
@@ -59,7 +43,8 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int, precision: str | Non
         # process and never puts it back: TorchScript, FX and exports in the same process then fail.
         ds["zero_optimization"]["memory_efficient_linear"] = False
     if cfg.engine.deepspeed_config:
-        user = load_user_deepspeed_config(cfg.engine.deepspeed_config)
+        user = read_mapping_file(cfg.engine.deepspeed_config, not_mapping="a DeepSpeed config must be a mapping",
+                                 not_found="DeepSpeed config not found (engine.deepspeed_config / --deepspeed_config)")
         for key in _OWNED:
             if key in user and user[key] != ds.get(key, user[key]):
                 raise ConfigError(

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
 from dwnet.config import OptimConfig
@@ -24,19 +25,16 @@ def scaled_lrs(optim: OptimConfig, global_batch: int) -> ScaledLRs:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and undecayed norms / biases / 1-D params / no_weight_decay()."""
-    skip_names = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1 or name.endswith(".bias") or name in skip_names:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+    """Two groups, always in this order: decayed weights, and undecayed norms / biases / 1-D params /
+    no_weight_decay(). timm's rule sorts the parameters."""
+    # timm drops the split when weight_decay is 0 and omits empty groups; sorting with a nonzero
+    # placeholder keeps two groups in a fixed order, so the optimizer-state layout never changes.
+    placeholder = 1.0
+    split = {group["weight_decay"]: group["params"] for group in param_groups_weight_decay(
+        model, placeholder, no_weight_decay_list=set(getattr(model, "no_weight_decay", set)()))}
     return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        {"params": split.get(placeholder, []), "weight_decay": weight_decay, "name": "decay"},
+        {"params": split.get(0.0, []), "weight_decay": 0.0, "name": "no_decay"},
     ]
 
 

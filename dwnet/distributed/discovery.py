@@ -1,5 +1,5 @@
-"""Process-group plumbing: who am I (rank/world/local rank/master) under any launcher, one
-`init_distributed()` for train.py, small collective helpers, and a fail-fast exit wrapper.
+"""Who am I: rank, world size, local rank and master address under any launcher, read from the
+launcher's environment variables without touching the network (except the mpi4py exchange below).
 
 Launchers understood by `discover_env()`, first match wins:
 
@@ -13,31 +13,19 @@ Launchers understood by `discover_env()`, first match wins:
 
 Under MPI without MASTER_ADDR/MASTER_PORT, mpi4py (imported only then) broadcasts rank 0's
 address and a free port chosen on rank 0. Under Slurm the master is the first host of the step's
-node list and the port MASTER_PORT or 10000 + job id % 20000.
-
-Environment knobs: DWNET_DIST_TIMEOUT (seconds, default 1800) bounds rendezvous and every
-collective; DWNET_NUM_THREADS overrides the CPU thread count per rank; DWNET_MASTER_IFACE names
-the interface whose address rank 0 advertises when mpi4py discovers the master.
+node list and the port MASTER_PORT or 10000 + job id % 20000. DWNET_MASTER_IFACE names the
+interface whose address rank 0 advertises when mpi4py discovers the master.
 """
 from __future__ import annotations
 
-import contextlib
-import datetime
 import ipaddress
 import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
-import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from dwnet.errors import debug_tracebacks
-
-DEFAULT_TIMEOUT_S = 1800.0
 
 
 class DistError(RuntimeError):
@@ -46,6 +34,8 @@ class DistError(RuntimeError):
 
 @dataclass
 class DistEnv:
+    """One rank's view of the launch, as `discover_env` read it."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -55,16 +45,7 @@ class DistEnv:
     master_port: int
     launcher: str  # torchrun | deepspeed | env | openmpi | pmi | slurm | none
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
-    def describe(self) -> str:
-        return (f"rank {self.rank}/{self.world_size} local {self.local_rank}/{self.local_world_size} "
-                f"on {socket.gethostname()} via {self.launcher}, master {self.master_addr}:{self.master_port}")
-
-
-# ---- discovery ------------------------------------------------------------------------------
 def _int(environ: Mapping[str, str], name: str) -> int:
     raw = environ[name]
     try:
@@ -314,250 +295,3 @@ def _mpi_rendezvous(addr: str | None, port: int | None, single_host: bool) -> tu
     chosen_addr, chosen_port = comm.bcast(choice, root=0)
     return chosen_addr, int(chosen_port)
 
-
-# ---- process group ----------------------------------------------------------------------------
-_ENV: DistEnv | None = None
-
-
-def _uses_cuda() -> bool:
-    import torch
-
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from deepspeed.accelerator import get_accelerator
-
-        return get_accelerator().device_name() == "cuda"
-    except Exception:  # deepspeed missing or misconfigured accelerator: fall back to torch's view
-        return True
-
-
-def training_device():
-    """The device this rank computes on: the CUDA device `init_distributed` bound (which is not
-    always cuda:LOCAL_RANK: a launcher may give each rank one visible GPU), or the CPU when DeepSpeed
-    runs on its CPU accelerator."""
-    import torch
-
-    return torch.device("cuda", torch.cuda.current_device()) if _uses_cuda() else torch.device("cpu")
-
-
-def _loopback_iface() -> str | None:
-    try:
-        import psutil
-
-        for name, items in psutil.net_if_addrs().items():
-            if any(a.family == socket.AF_INET and a.address.startswith("127.") for a in items):
-                return name
-    except Exception:
-        pass
-    return None
-
-
-def _bind_device(env: DistEnv, cuda: bool) -> None:
-    import torch
-
-    if cuda:
-        count = torch.cuda.device_count()
-        if env.local_rank < count:
-            device = env.local_rank
-        elif count == 1:  # the launcher gave each rank its own GPU (srun --gpus-per-task=1, --gpu-bind)
-            device = 0
-        else:
-            raise DistError(f"LOCAL_RANK={env.local_rank} on {socket.gethostname()} but only {count} CUDA "
-                            f"device(s) are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r});"
-                            " launch at most one rank per GPU")
-        torch.cuda.set_device(device)
-        return
-    if os.environ.get("DWNET_NUM_THREADS"):
-        threads = int(os.environ["DWNET_NUM_THREADS"])
-    else:
-        try:
-            avail = len(os.sched_getaffinity(0))
-        except AttributeError:
-            avail = os.cpu_count() or 1
-        # a launcher that pinned this rank to a core subset (deepspeed --bind_cores_to_rank,
-        # srun --cpu-bind, mpirun --bind-to) already split the cores: use them all
-        threads = avail if avail < (os.cpu_count() or avail) else avail // env.local_world_size
-    torch.set_num_threads(max(1, threads))
-
-
-def init_distributed(timeout_s: float | None = None, backend: str | None = None) -> DistEnv:
-    """Discovers the launch, exports RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/
-    MASTER_PORT, binds the device and initialises DeepSpeed's (torch.distributed) process group,
-    also for one process (DeepSpeed needs a group). Idempotent.
-
-    timeout_s bounds the rendezvous and every collective: DWNET_DIST_TIMEOUT, else 1800 s.
-    backend defaults to nccl on CUDA, gloo on CPU.
-    """
-    global _ENV
-    import torch
-    import torch.distributed as dist
-
-    if timeout_s is None:
-        timeout_s = float(os.environ.get("DWNET_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
-    env = discover_env()
-    if dist.is_initialized():
-        if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
-            raise DistError(f"a process group of rank {dist.get_rank()}/{dist.get_world_size()} already exists "
-                            f"but the launcher says rank {env.rank}/{env.world_size}")
-        _ENV = env
-        return env
-    os.environ.update({
-        "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
-        "LOCAL_WORLD_SIZE": str(env.local_world_size), "LOCAL_SIZE": str(env.local_world_size),
-        "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port),
-    })
-    cuda = _uses_cuda()
-    backend = backend or ("nccl" if cuda else "gloo")
-    _bind_device(env, cuda)
-    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
-        try:
-            loopback_master = ipaddress.ip_address(socket.gethostbyname(env.master_addr)).is_loopback
-        except (OSError, ValueError):
-            loopback_master = False
-        iface = _loopback_iface() if loopback_master or env.world_size == 1 else None
-        if iface:  # every rank is on this host: keep gloo's pairs on loopback
-            os.environ["GLOO_SOCKET_IFNAME"] = iface
-
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
-    if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
-        raise DistError(f"process group came up as rank {dist.get_rank()}/{dist.get_world_size()}, "
-                        f"the launcher said {env.rank}/{env.world_size}")
-    if not cuda:
-        _unlink_shm_allreduce_buffer(env)
-    _ENV = env
-    return env
-
-
-def shm_allreduce_buffer_path(env: DistEnv) -> str:
-    """Where DeepSpeed's CPU shared-memory all-reduce keeps this rank's ~70 MB workspace."""
-    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.master_addr}_{env.master_port}_{env.rank}"
-
-
-def _unlink_shm_allreduce_buffer(env: DistEnv) -> None:
-    """DeepSpeed's CPU backend creates one shared-memory workspace per rank when all ranks share a
-    host and never unlinks it: every run, and every killed run, would leave ~70 MB per rank in
-    /dev/shm (RAM) until reboot. Once every rank has mapped its peers' workspaces (the barrier),
-    the names can go: the mappings live on until the processes exit, however they exit."""
-    import torch.distributed as dist
-
-    if env.world_size > 1:
-        dist.barrier()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(shm_allreduce_buffer_path(env))
-
-
-def get_env() -> DistEnv | None:
-    """The DistEnv of the last init_distributed() in this process (None before)."""
-    return _ENV
-
-
-def rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def all_reduce_sum(tensor: Any) -> Any:
-    """In-place sum over ranks (no-op on one process); returns the tensor. On NCCL the tensor
-    must live on the rank's CUDA device."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Any picklable object from `src` to every rank (returns it everywhere)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def shutdown() -> None:
-    """Destroys the process group (call at the end of a successful run)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-# ---- failing fast -------------------------------------------------------------------------------
-def _one_line_errors() -> tuple[type, ...]:
-    from dwnet.errors import UserError  # ConfigError, PreflightError, DataError, ...
-
-    errors: list[type] = [DistError, UserError]
-    for module, name in (("dwnet.preflight", "PreflightError"), ("dwnet.config", "ConfigError")):
-        mod = sys.modules.get(module)
-        if mod is not None and hasattr(mod, name):
-            errors.append(getattr(mod, name))
-    return tuple(errors)
-
-
-def _who() -> str:
-    if _ENV is not None:
-        return f"rank {_ENV.rank}/{_ENV.world_size} on {socket.gethostname()} (pid {os.getpid()})"
-    r = os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK") \
-        or os.environ.get("SLURM_PROCID") or "0"
-    w = os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") \
-        or os.environ.get("SLURM_NTASKS") or "1"
-    return f"rank {r}/{w} on {socket.gethostname()} (pid {os.getpid()})"
-
-
-def run_and_exit_on_failure(main_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Runs main_fn(*args, **kwargs); on any exception logs it with this rank's identity and
-    ends the process at once with os._exit(1) (130 on Ctrl-C, the code of a non-zero sys.exit):
-    no atexit hooks, no process-group destructor, nothing that could block on a collective whose
-    peer is gone. The launcher then sees a non-zero exit and takes the other ranks down.
-    Returns main_fn's result on success."""
-    try:
-        return main_fn(*args, **kwargs)
-    except SystemExit as exc:
-        if exc.code in (None, 0):
-            raise
-        code = exc.code if isinstance(exc.code, int) else 1
-        if not isinstance(exc.code, int):
-            print(f"[dwnet {_who()}] {exc.code}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print(f"[dwnet {_who()}] interrupted", file=sys.stderr)
-        code = 130
-    except BaseException as exc:  # noqa: BLE001 - every failure must end the process
-        if isinstance(exc, _one_line_errors()):
-            if debug_tracebacks():
-                traceback.print_exc(file=sys.stderr)
-            print(f"[dwnet {_who()}] FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
-        else:
-            traceback.print_exc(file=sys.stderr)
-            print(f"[dwnet {_who()}] FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                  file=sys.stderr)
-        code = 1
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    finally:
-        os._exit(code)
