@@ -11,6 +11,10 @@ A SIGKILL mid-save leaves a tag without COMPLETE, which resume ignores and pruni
 COMPLETE holds the tag's metadata. A tag saved while a non-finite episode was open (skipped steps
 in the guard's window) carries `nonfinite_episode` (the episode's first skipped step): it is never a
 rollback target, and pruning always spares the newest tag without it, the rollback target.
+
+A tag whose files cannot be loaded is renamed `step_N.damaged` (never deleted: it may be
+recoverable by hand); damaged tags are neither resumed, nor pruned, nor discarded.
+COMPLETE also records the run's identity (IDENTITY), which a resume compares with its config.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -25,9 +30,16 @@ import torch
 import torch.distributed as dist
 
 from dwnet.atomic_io import atomic_open, fsync_tree
+from dwnet.errors import UserError
 
 COMPLETE = "COMPLETE"
 EPISODE = "nonfinite_episode"  # COMPLETE key: first skipped step of the episode open at save time
+IDENTITY = "identity"  # COMPLETE key: model, num_classes, global batch, data sizes, ZeRO stage, precision
+DAMAGED = ".damaged"  # suffix of a tag moved aside because a file of it could not be loaded
+
+
+class DamagedCheckpointError(UserError):
+    """A file of a complete tag cannot be read (disk error, truncated copy); names the file."""
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -44,25 +56,84 @@ def _atomic_write_text(path: str, text: str) -> None:
         fh.write(text)
 
 
+def is_tag_name(name: str) -> bool:
+    """A live tag directory name (not a damaged one moved aside, not a path)."""
+    return name.startswith("step_") and not name.endswith(DAMAGED) and os.sep not in name
+
+
 def complete_tags(root: str) -> list[str]:
     """Complete tags, oldest first."""
     if not os.path.isdir(root):
         return []
-    tags = [t for t in os.listdir(root) if t.startswith("step_") and os.path.isfile(os.path.join(root, t, COMPLETE))]
+    tags = [t for t in os.listdir(root) if is_tag_name(t) and os.path.isfile(os.path.join(root, t, COMPLETE))]
     return sorted(tags)
 
 
+def _is_complete(root: str, tag: Any) -> bool:
+    return isinstance(tag, str) and is_tag_name(tag) and os.path.isfile(os.path.join(root, tag, COMPLETE))
+
+
 def read_pointer(root: str, name: str) -> str | None:
-    path = os.path.join(root, name)
-    if not os.path.isfile(path):
+    """The tag a pointer file names, or None when the file is missing, unreadable (binary garbage)
+    or names no complete tag: a damaged pointer must never stop a save or a resume."""
+    try:
+        with open(os.path.join(root, name), encoding="utf-8") as fh:
+            tag = fh.read(4096).strip()
+    except (OSError, UnicodeDecodeError, ValueError):
         return None
-    tag = open(path).read().strip()
-    return tag if os.path.isfile(os.path.join(root, tag, COMPLETE)) else None
+    return tag if _is_complete(root, tag) else None
+
+
+def rebuilt_pointer(root: str, name: str) -> str | None:
+    """`latest` or `best` as the tags themselves say: the newest complete tag, and the best tag
+    recorded in its COMPLETE metadata."""
+    newest = newest_complete_tag(root)
+    if name == "latest" or newest is None:
+        return newest
+    best = safe_meta(root, newest).get("best")
+    return best if _is_complete(root, best) else None
+
+
+def pointer(root: str, name: str) -> str | None:
+    """`latest`/`best`, rebuilt from the tags when the pointer file is absent or damaged."""
+    return read_pointer(root, name) or rebuilt_pointer(root, name)
+
+
+def repair_pointers(root: str) -> list[str]:
+    """Rank 0: rewrites `latest`/`best` files that are damaged or stale; returns their names."""
+    repaired = []
+    for name in ("latest", "best"):
+        path = os.path.join(root, name)
+        if read_pointer(root, name) is not None or not os.path.lexists(path):
+            continue
+        tag = rebuilt_pointer(root, name)
+        if tag is not None:
+            _atomic_write_text(path, tag)
+        else:
+            os.remove(path)
+        repaired.append(name)
+    return repaired
 
 
 def read_meta(root: str, tag: str) -> dict[str, Any]:
-    with open(os.path.join(root, tag, COMPLETE)) as fh:
-        return json.load(fh)
+    """COMPLETE's metadata; DamagedCheckpointError when it is unreadable."""
+    path = os.path.join(root, tag, COMPLETE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DamagedCheckpointError(f"{path}: unreadable ({type(err).__name__})") from err
+    if not isinstance(meta, dict):
+        raise DamagedCheckpointError(f"{path}: not a JSON object")
+    return meta
+
+
+def safe_meta(root: str, tag: str) -> dict[str, Any]:
+    """read_meta, or {} for a damaged COMPLETE (for pruning and pointers, which must not crash)."""
+    try:
+        return read_meta(root, tag)
+    except DamagedCheckpointError:
+        return {}
 
 
 def newest_complete_tag(root: str) -> str | None:
@@ -77,8 +148,9 @@ def is_clean(root: str, tag: str) -> bool:
 
 def rollback_target(root: str) -> str | None:
     """The newest complete tag saved outside any non-finite episode. Every tag saved after the
-    current episode's first skip is marked, so this tag predates that skip."""
-    clean = [t for t in complete_tags(root) if is_clean(root, t)]
+    current episode's first skip is marked, so this tag predates that skip. A tag with an
+    unreadable COMPLETE is not a target."""
+    clean = [t for t in complete_tags(root) if safe_meta(root, t) and is_clean(root, t)]
     return clean[-1] if clean else None
 
 
@@ -115,11 +187,12 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep_las
         dist.barrier()
     if rank == 0:
         # The best tag as of this save, so that a rollback to this tag can restore the pointer.
-        best = tag if is_best else read_pointer(root, "best")
+        best = tag if is_best else pointer(root, "best")
         _atomic_write_text(os.path.join(root, tag, COMPLETE), json.dumps(dict(meta or {}, step=step, best=best)))
         _atomic_write_text(os.path.join(root, "latest"), tag)
         if is_best:
             _atomic_write_text(os.path.join(root, "best"), tag)
+        repair_pointers(root)
         prune(root, keep_last)
     if dist.is_initialized():
         dist.barrier()
@@ -133,12 +206,12 @@ def prune(root: str, keep_last: int) -> None:
     Called on rank 0 after every rank finished saving, so an incomplete tag is a killed save.
     """
     keep = set(complete_tags(root)[-keep_last:])
-    for spared in (read_pointer(root, "best"), rollback_target(root)):
+    for spared in (pointer(root, "best"), rollback_target(root)):
         if spared:
             keep.add(spared)
     for tag in os.listdir(root):
         path = os.path.join(root, tag)
-        if tag.startswith("step_") and os.path.isdir(path) and tag not in keep:
+        if is_tag_name(tag) and os.path.isdir(path) and tag not in keep:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -150,7 +223,7 @@ def discard_after(root: str, target: str) -> list[str]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     removed: list[str] = []
     if rank == 0:
-        removed = sorted(t for t in os.listdir(root) if t.startswith("step_") and t > target)
+        removed = sorted(t for t in os.listdir(root) if is_tag_name(t) and t > target)
         # COMPLETE goes first: a crash half way leaves incomplete tags, which resume ignores.
         for tag in removed:
             marker = os.path.join(root, tag, COMPLETE)
@@ -159,14 +232,68 @@ def discard_after(root: str, target: str) -> list[str]:
         for tag in removed:
             shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
         _atomic_write_text(os.path.join(root, "latest"), target)
-        best = read_meta(root, target).get("best")
-        if best and os.path.isfile(os.path.join(root, best, COMPLETE)):
+        best = safe_meta(root, target).get("best")
+        if _is_complete(root, best):
             _atomic_write_text(os.path.join(root, "best"), best)
         elif os.path.isfile(os.path.join(root, "best")) and read_pointer(root, "best") is None:
             os.remove(os.path.join(root, "best"))
     if dist.is_initialized():
         dist.barrier()
     return removed
+
+
+def damaged_file(path: str) -> str | None:
+    """Why `path` (a torch.save zip archive) cannot be read, or None: every member's CRC is checked,
+    so a truncated copy or a flipped bit is found without unpickling anything."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
+    return f"member {bad} fails its CRC check" if bad else None
+
+
+def tag_files(root: str, tag: str) -> list[str]:
+    tag_dir = os.path.join(root, tag)
+    return sorted(os.path.join(tag_dir, f) for f in os.listdir(tag_dir) if f.endswith(".pt"))
+
+
+def verify_tag(root: str, tag: str, rank: int = 0, world_size: int = 1) -> str | None:
+    """'FILE: problem' for the first unreadable file of `tag` among this rank's share (every
+    world_size-th file, so that ranks split the reading), or None."""
+    try:
+        read_meta(root, tag)
+        files = tag_files(root, tag)
+    except (DamagedCheckpointError, OSError) as err:
+        return str(err)
+    if not any(f.endswith("model_states.pt") for f in files):
+        return f"{os.path.join(root, tag)}: no model states file"
+    for path in files[rank::world_size]:
+        problem = damaged_file(path)
+        if problem:
+            return f"{path}: {problem}"
+    return None
+
+
+def check_readable(root: str, tag: str) -> None:
+    """DamagedCheckpointError naming the file when `tag` cannot be read (for --eval/--export)."""
+    problem = verify_tag(root, tag)
+    if problem:
+        others = [t for t in complete_tags(root) if t != tag]
+        raise DamagedCheckpointError(
+            f"checkpoint {tag} is damaged: {problem}; use another tag with --checkpoint-tag"
+            + (f" (complete: {', '.join(others)})" if others else ""))
+
+
+def move_aside(root: str, tag: str) -> str:
+    """Renames a damaged tag to `step_N.damaged` (never deletes it); returns the new name."""
+    name, k = tag + DAMAGED, 1
+    while os.path.lexists(os.path.join(root, name)):
+        k += 1
+        name = f"{tag}.{k}{DAMAGED}"
+    os.rename(os.path.join(root, tag), os.path.join(root, name))
+    repair_pointers(root)  # `latest`/`best` may have named the tag
+    return name
 
 
 def load(engine, run_dir: str, tag: str, load_optimizer_states: bool = True) -> dict[str, Any]:
@@ -176,8 +303,8 @@ def load(engine, run_dir: str, tag: str, load_optimizer_states: bool = True) -> 
         root, tag=tag, load_optimizer_states=load_optimizer_states,
         load_lr_scheduler_states=False, load_module_strict=True)
     if client_state is None:
-        raise RuntimeError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint; "
-                           "remove the tag directory to fall back to the previous one")
+        raise DamagedCheckpointError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint; "
+                                     f"rename the tag directory to {tag}{DAMAGED} to fall back to the previous one")
     load_rng_state(root, tag)
     return client_state
 
