@@ -100,18 +100,21 @@ def pointer(root: str, name: str) -> str | None:
 
 
 def repair_pointers(root: str) -> list[str]:
-    """Rank 0: rewrites `latest`/`best` files that are damaged or stale; returns their names."""
+    """Rank 0: rewrites `latest`/`best` files that are missing, damaged or stale from the tags;
+    returns the names of those that existed (a missing one is not news)."""
     repaired = []
     for name in ("latest", "best"):
         path = os.path.join(root, name)
-        if read_pointer(root, name) is not None or not os.path.lexists(path):
+        if read_pointer(root, name) is not None:
             continue
+        existed = os.path.lexists(path)
         tag = rebuilt_pointer(root, name)
         if tag is not None:
             _atomic_write_text(path, tag)
-        else:
+        elif existed:
             os.remove(path)
-        repaired.append(name)
+        if existed:
+            repaired.append(name)
     return repaired
 
 
