@@ -5,6 +5,7 @@ lost: damaged tags are moved aside (`step_N.damaged`), never deleted; refused re
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -219,3 +220,17 @@ def test_finished_run_relaunched_says_so_and_exits_0(one_epoch_run, digits_beton
     assert result.stdout.strip().splitlines()[-1] == \
         "run already finished (epoch 1 of 1); raise optim.epochs to continue", result.stdout[-3000:]
     assert digest(run_dir / "checkpoints") == before
+
+
+@pytest.mark.slow  # 2 ranks through torch.multiprocessing: ~15 s
+def test_two_ranks_agree_to_move_a_damaged_shard_aside(tmp_path):
+    import torch.multiprocessing as mp
+
+    import resume_worker
+    from dwnet.distributed import free_port
+
+    mp.spawn(resume_worker.main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"resumed_rank{rank}.json").read_text()) == {"tag": "step_00000002", "step": 2}
+    root = tmp_path / "checkpoints"
+    assert (root / "step_00000004.damaged").is_dir() and not (root / "step_00000004").exists()
