@@ -234,3 +234,36 @@ def test_two_ranks_agree_to_move_a_damaged_shard_aside(tmp_path):
         assert json.loads((tmp_path / f"resumed_rank{rank}.json").read_text()) == {"tag": "step_00000002", "step": 2}
     root = tmp_path / "checkpoints"
     assert (root / "step_00000004.damaged").is_dir() and not (root / "step_00000004").exists()
+
+
+# ---- disk space ----------------------------------------------------------------------------------
+def test_save_on_a_full_disk_says_so_and_removes_the_half_written_tag(one_epoch_run, tmp_path, process_group):
+    run_dir = copy_run(one_epoch_run, tmp_path / "run")
+    root = run_dir / "checkpoints"
+    trainer = make_trainer(run_dir, "optim.epochs=2")
+    before = digest(root)
+
+    def disk_full(save_dir, tag, **kwargs):  # what torch.save reports when the disk fills mid-file
+        os.makedirs(os.path.join(save_dir, tag))
+        Path(save_dir, tag, "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3504064 vs 3503956")
+
+    trainer.engine.save_checkpoint = disk_full
+    with pytest.raises(checkpointing.CheckpointSpaceError) as err:
+        trainer.save(suffix="full")
+    line = str(err.value)
+    assert "\n" not in line and f"checkpoint {root / 'step_00000016.full'} not written: no space left" in line
+    assert " free, the last tag step_00000016 takes " in line and "half-written tag was removed" in line
+    assert not (root / "step_00000016.full").exists() and digest(root) == before
+
+
+def test_incomplete_tags_are_removed_at_start_up(one_epoch_run, tmp_path, process_group, dwnet_log):
+    run_dir = copy_run(one_epoch_run, tmp_path / "run")
+    root = run_dir / "checkpoints"
+    (root / "step_00000020").mkdir()
+    (root / "step_00000020" / "mp_rank_00_model_states.pt").write_bytes(b"half")  # a save cut short
+    before = digest(root / "step_00000016")
+    trainer = make_trainer(run_dir, "optim.epochs=2")
+    assert trainer.resume_tag == "step_00000016" and not (root / "step_00000020").exists()
+    assert any("removed incomplete checkpoint tags (saves cut short): step_00000020" in line for line in dwnet_log)
+    assert digest(root / "step_00000016") == before

@@ -6,7 +6,8 @@ Layout under the run directory:
         rng_rank{r}.pt              each rank's RNG states (exact resume)
     checkpoints/latest              name of the newest complete tag (atomic replace)
     checkpoints/best                name of the tag with the best validation top-1
-A SIGKILL mid-save leaves a tag without COMPLETE, which resume ignores and pruning removes.
+A SIGKILL mid-save leaves a tag without COMPLETE, which resume ignores and the next start-up or
+save removes; a save that fails (a full disk) removes its half-written tag at once.
 
 COMPLETE holds the tag's metadata. A tag saved while a non-finite episode was open (skipped steps
 in the guard's window) carries `nonfinite_episode` (the episode's first skipped step): it is never a
@@ -18,6 +19,7 @@ COMPLETE also records the run's identity (IDENTITY), which a resume compares wit
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -36,6 +38,10 @@ COMPLETE = "COMPLETE"
 EPISODE = "nonfinite_episode"  # COMPLETE key: first skipped step of the episode open at save time
 IDENTITY = "identity"  # COMPLETE key: model, num_classes, global batch, data sizes, ZeRO stage, precision
 DAMAGED = ".damaged"  # suffix of a tag moved aside because a file of it could not be loaded
+
+
+class CheckpointSpaceError(UserError):
+    """A save failed for lack of space; names the path, the free space and the last tag's size."""
 
 
 class DamagedCheckpointError(UserError):
@@ -181,11 +187,18 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep_las
     if os.path.isfile(os.path.join(root, tag, COMPLETE)):
         return tag
     rank = dist.get_rank() if dist.is_initialized() else 0
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), os.path.join(root, tag, f"rng_rank{rank}.pt"))
-    # COMPLETE must never reach the disk before the data it vouches for (a node losing power
-    # right after a save would otherwise leave a 'complete' tag of empty files).
-    fsync_tree(os.path.join(root, tag))
+    try:
+        engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), os.path.join(root, tag, f"rng_rank{rank}.pt"))
+        # COMPLETE must never reach the disk before the data it vouches for (a node losing power
+        # right after a save would otherwise leave a 'complete' tag of empty files).
+        fsync_tree(os.path.join(root, tag))
+    except (OSError, RuntimeError) as err:
+        # The half-written tag goes at once: left in place it eats the space the rerun needs.
+        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+        if out_of_space(root, err):
+            raise CheckpointSpaceError(space_message(root, tag)) from err
+        raise
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -200,6 +213,61 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep_las
     if dist.is_initialized():
         dist.barrier()
     return tag
+
+
+def human_size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def tag_size(root: str, tag: str) -> int:
+    """Bytes of the files of `tag`."""
+    total = 0
+    for dirpath, _, files in os.walk(os.path.join(root, tag)):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return total
+
+
+def free_bytes(path: str) -> int:
+    return shutil.disk_usage(path).free
+
+
+def out_of_space(root: str, err: BaseException) -> bool:
+    """Did this save fail for lack of space? ENOSPC, or torch's zip writer's 'unexpected pos'
+    (what a full disk looks like from torch.save), or less free space than the newest tag needs."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left" in str(err) or "unexpected pos" in str(err):
+        return True
+    newest = newest_complete_tag(root)
+    try:
+        return newest is not None and free_bytes(root) < tag_size(root, newest)
+    except OSError:
+        return False
+
+
+def space_message(root: str, tag: str) -> str:
+    newest = newest_complete_tag(root)
+    last = f"the last tag {newest} takes {human_size(tag_size(root, newest))}" if newest else "no earlier tag"
+    intact = f"; {newest} is intact and a relaunch resumes from it" if newest else ""
+    return (f"checkpoint {os.path.join(root, tag)} not written: no space left on its disk "
+            f"({human_size(free_bytes(root))} free, {last}); the half-written tag was removed{intact}; "
+            "free space or set checkpoint.dir to a larger disk")
+
+
+def remove_incomplete(root: str) -> list[str]:
+    """Rank 0 at start-up, when no save can be running: removes tags without COMPLETE (saves
+    killed or failed half way), which can never be resumed and hold disk space."""
+    if not os.path.isdir(root):
+        return []
+    removed = sorted(t for t in os.listdir(root) if is_tag_name(t) and os.path.isdir(os.path.join(root, t))
+                     and not os.path.isfile(os.path.join(root, t, COMPLETE)))
+    for tag in removed:
+        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+    return removed
 
 
 def prune(root: str, keep_last: int) -> None:

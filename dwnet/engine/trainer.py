@@ -155,6 +155,9 @@ class Trainer:
             return None
         root = checkpointing.checkpoint_root(self.run_dir)
         if self.rank == 0 and os.path.isdir(root):
+            removed = checkpointing.remove_incomplete(root)
+            if removed:
+                self.log.info("removed incomplete checkpoint tags (saves cut short): %s", ", ".join(removed))
             for name in checkpointing.repair_pointers(root):
                 self.log.warning("%s: damaged or stale pointer file, rebuilt from the tags", os.path.join(root, name))
         while True:
