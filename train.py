@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         from dwnet.preflight import preflight_betons, run_preflight
 
         required = [p for p in (cfg.data.train_path, cfg.data.val_path) if p]
-        run_preflight(required_files=required, writable_dirs=[cfg.checkpoint.dir], beton_files=preflight_betons(cfg))
+        from dwnet.engine.checkpointing import space_for_two_tags
+
+        space = space_for_two_tags(cfg)
+        run_preflight(required_files=required, writable_dirs=[cfg.checkpoint.dir], beton_files=preflight_betons(cfg),
+                      space_needed={cfg.checkpoint.dir: space} if space else None)
     from dwnet.engine import Trainer, TrainingDiverged
 
     trainer = Trainer(cfg, env.rank, env.world_size, device, switch_precision=args.switch_precision)

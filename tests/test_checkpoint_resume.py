@@ -267,3 +267,27 @@ def test_incomplete_tags_are_removed_at_start_up(one_epoch_run, tmp_path, proces
     assert trainer.resume_tag == "step_00000016" and not (root / "step_00000020").exists()
     assert any("removed incomplete checkpoint tags (saves cut short): step_00000020" in line for line in dwnet_log)
     assert digest(root / "step_00000016") == before
+
+
+def test_preflight_names_the_space_shortfall_for_two_tags(one_epoch_run, tmp_path, monkeypatch):
+    from dwnet import preflight
+    from dwnet.preflight import PreflightError, run_preflight
+
+    cfg = engine_worker.tiny_run_config(str(one_epoch_run))
+    needed, basis = checkpointing.space_for_two_tags(cfg)
+    root = str(one_epoch_run / "checkpoints")
+    assert needed == 2 * checkpointing.tag_size(root, "step_00000016") and basis == "the newest tag step_00000016"
+    fresh_needed, fresh_basis = checkpointing.space_for_two_tags(engine_worker.tiny_run_config(str(tmp_path / "new")))
+    assert fresh_needed > 0 and "parameters with their optimizer state" in fresh_basis
+    run_preflight([], [str(tmp_path)], hostfile="", space_needed={str(tmp_path): (1024, basis)})  # room: passes
+
+    class Usage:
+        free = 1000
+
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: Usage())
+    with pytest.raises(PreflightError) as err:
+        run_preflight([], [str(tmp_path)], hostfile="", space_needed={str(tmp_path): (3048, basis)})
+    assert str(err.value).endswith(
+        f"checkpoint.dir {tmp_path}: 1000 B free, two checkpoints need about 3.0 KiB (estimated from the newest tag "
+        "step_00000016); 2.0 KiB short: free space or set checkpoint.dir to a larger disk")
+    assert "\n" not in str(err.value)

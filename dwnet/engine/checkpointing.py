@@ -258,6 +258,29 @@ def space_message(root: str, tag: str) -> str:
             "free space or set checkpoint.dir to a larger disk")
 
 
+def space_for_two_tags(cfg) -> tuple[int, str] | None:
+    """(bytes, basis) two checkpoint tags of this run take: from the newest complete tag, or else
+    from the parameter count (fp32 weights and two Adam moments, plus fp32 master weights under
+    bf16/fp16 and the EMA's copy). None when neither can be estimated."""
+    root = checkpoint_root(cfg.checkpoint.dir)
+    newest = newest_complete_tag(root)
+    if newest is not None:
+        return 2 * tag_size(root, newest), f"the newest tag {newest}"
+    try:
+        import copy
+
+        from dwnet.models import build_model
+
+        meta_cfg = copy.deepcopy(cfg)
+        meta_cfg.model.pretrained = None
+        with torch.device("meta"):  # shapes only: no memory, no weights
+            params = sum(p.numel() for p in build_model(meta_cfg).parameters())
+    except Exception:  # noqa: BLE001 - an estimate is a courtesy; no estimate means no check
+        return None
+    per_param = 12 + (4 if cfg.engine.precision != "fp32" else 0) + (4 if cfg.engine.ema else 0)
+    return 2 * params * per_param, f"{cfg.model.name}'s {params:,} parameters with their optimizer state"
+
+
 def remove_incomplete(root: str) -> list[str]:
     """Rank 0 at start-up, when no save can be running: removes tags without COMPLETE (saves
     killed or failed half way), which can never be resumed and hold disk space."""
