@@ -85,7 +85,7 @@ class Trainer:
         self.switch_precision = switch_precision
         self.resume_tag = self._find_resume_tag()
         self._build_data(train_loader, val_loader)
-        saved_precision = None
+        saved_precision = cfg.engine.precision
         if self.resume_tag:
             meta = checkpointing.read_meta(checkpointing.checkpoint_root(self.run_dir), self.resume_tag)
             self._check_identity(self.resume_tag, meta.get(checkpointing.IDENTITY))
@@ -93,9 +93,14 @@ class Trainer:
             self.progress.precision = self._resume_precision(self.resume_tag, saved_precision)
         self.guard = NonFiniteGuard(cfg.engine.nonfinite_max_skips, cfg.engine.nonfinite_window)
         self.step_guard = StepGuard(world_size)
-        self._build_engine(self.progress.precision)
+        if self.resume_tag and saved_precision != self.progress.precision:
+            self._restore_in_precision(self.resume_tag, self.progress.precision)  # builds the engine
+        else:
+            self._build_engine(self.progress.precision)
+            if self.resume_tag:
+                self._restore(self.resume_tag)
         if self.resume_tag:
-            self._resume(self.resume_tag, saved_precision)
+            self._resume()
 
     # ---- construction ---------------------------------------------------------------------
     def _build_data(self, train_loader, val_loader) -> None:
@@ -210,6 +215,7 @@ class Trainer:
         if not saved:
             return
         mine, where = self.identity(), os.path.join(checkpointing.checkpoint_root(self.run_dir), tag)
+        saved = {**mine, **saved}  # keys a newer dwnet adds are unchecked on older tags
         for key, field_name in (("model", "model.name"), ("num_classes", "model.num_classes")):
             if saved[key] != mine[key]:
                 raise ResumeMismatchError(
@@ -255,11 +261,9 @@ class Trainer:
         return (f"run already finished (epoch {self.progress.epoch} of {self.cfg.optim.epochs}); "
                 "raise optim.epochs to continue")
 
-    def _resume(self, tag: str, saved_precision: str | None = None) -> None:
-        if saved_precision is not None and saved_precision != self.progress.precision:
-            self._restore_in_precision(tag, self.progress.precision)
-        else:
-            self._restore(tag)
+    def _resume(self) -> None:
+        """After the engine holds the resumed tag: carries on the guard's window and says where."""
+        tag = self.resume_tag
         # A crash does not close a non-finite episode: tags saved after the resume stay marked.
         self.guard.skipped_steps.extend(self.progress.recent_skips)
         self.log.info("resumed from %s: epoch %d, batch %d, step %d, precision %s", tag,
