@@ -254,6 +254,8 @@ def test_save_on_a_full_disk_says_so_and_removes_the_half_written_tag(one_epoch_
     line = str(err.value)
     assert "\n" not in line and f"checkpoint {root / 'step_00000016.full'} not written: no space left" in line
     assert " free, the last tag step_00000016 takes " in line and "half-written tag was removed" in line
+    assert line.endswith("(the save failed with: [enforce fail at inline_container.cc:672] . unexpected pos "
+                         "3504064 vs 3503956)")
     assert not (root / "step_00000016.full").exists() and digest(root) == before
 
 

@@ -197,7 +197,7 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep_las
         # The half-written tag goes at once: left in place it eats the space the rerun needs.
         shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
         if out_of_space(root, err):
-            raise CheckpointSpaceError(space_message(root, tag)) from err
+            raise CheckpointSpaceError(space_message(root, tag, err)) from err
         raise
     if dist.is_initialized():
         dist.barrier()
@@ -249,13 +249,14 @@ def out_of_space(root: str, err: BaseException) -> bool:
         return False
 
 
-def space_message(root: str, tag: str) -> str:
+def space_message(root: str, tag: str, err: BaseException) -> str:
     newest = newest_complete_tag(root)
     last = f"the last tag {newest} takes {human_size(tag_size(root, newest))}" if newest else "no earlier tag"
     intact = f"; {newest} is intact and a relaunch resumes from it" if newest else ""
+    cause = (str(err).splitlines() or [type(err).__name__])[0].strip()
     return (f"checkpoint {os.path.join(root, tag)} not written: no space left on its disk "
             f"({human_size(free_bytes(root))} free, {last}); the half-written tag was removed{intact}; "
-            "free space or set checkpoint.dir to a larger disk")
+            f"free space or set checkpoint.dir to a larger disk (the save failed with: {cause})")
 
 
 def space_for_two_tags(cfg) -> tuple[int, str] | None:
