@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", metavar="PATH",
                         help="--eval: official/exported .pth or a run directory (default: checkpoint.dir)")
     parser.add_argument("--checkpoint-tag", default="best", help="--eval/--export from a run: best, latest or a tag")
+    parser.add_argument("--switch-precision", action="store_true",
+                        help="resume an fp32 checkpoint in a lower engine.precision (bf16/fp16); without it a "
+                             "resume keeps fp32, which may be a non-finite fallback's decision")
     parser.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=True,
                         help="check files, writability and versions on every rank before training")
     return parser.parse_args(argv)
@@ -66,10 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         from dwnet.preflight import preflight_betons, run_preflight
 
         required = [p for p in (cfg.data.train_path, cfg.data.val_path) if p]
-        run_preflight(required_files=required, writable_dirs=[cfg.checkpoint.dir], beton_files=preflight_betons(cfg))
+        from dwnet.engine.checkpointing import space_for_two_tags
+
+        space = space_for_two_tags(cfg)
+        run_preflight(required_files=required, writable_dirs=[cfg.checkpoint.dir], beton_files=preflight_betons(cfg),
+                      space_needed={cfg.checkpoint.dir: space} if space else None)
     from dwnet.engine import Trainer, TrainingDiverged
 
-    trainer = Trainer(cfg, env.rank, env.world_size, device)
+    trainer = Trainer(cfg, env.rank, env.world_size, device, switch_precision=args.switch_precision)
+    if trainer.finished:
+        if env.rank == 0:
+            print(trainer.finished_message(), flush=True)
+        return 0
     try:
         final = trainer.fit()
     except TrainingDiverged as err:

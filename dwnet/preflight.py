@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import socket
 import sys
 import uuid
@@ -132,6 +133,21 @@ def _check_writable(directory: str) -> str | None:
     return None
 
 
+def _check_space(directory: str, needed: int, basis: str) -> str | None:
+    """Room for two checkpoint tags: the next save is written before the oldest is pruned."""
+    from dwnet.engine.checkpointing import human_size
+
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError as err:
+        return f"cannot measure the free space of {directory} ({err.strerror or err})"
+    if free >= needed:
+        return None
+    return (f"checkpoint.dir {directory}: {human_size(free)} free, two checkpoints need about {human_size(needed)} "
+            f"(estimated from {basis}); {human_size(needed - free)} short: free space or set checkpoint.dir "
+            "to a larger disk")
+
+
 @dataclass
 class RankReport:
     rank: int
@@ -154,7 +170,8 @@ def _check_beton(key: str, path: str) -> str | None:
 
 
 def local_report(rank: int, required_files: list[str], writable_dirs: list[str],
-                 beton_files: dict[str, str] | None = None) -> RankReport:
+                 beton_files: dict[str, str] | None = None,
+                 space_needed: dict[str, tuple[int, str]] | None = None) -> RankReport:
     report = RankReport(rank=rank, host=socket.gethostname())
     try:
         unusable = set()
@@ -173,6 +190,10 @@ def local_report(rank: int, required_files: list[str], writable_dirs: list[str],
             problem = _check_writable(directory)
             if problem:
                 report.problems.append(problem)
+            elif directory in (space_needed or {}):
+                problem = _check_space(directory, *space_needed[directory])
+                if problem:
+                    report.problems.append(problem)
         report.versions = package_versions()
     except Exception as err:  # noqa: BLE001 - every rank must reach the gather
         report.problems.append(f"local checks crashed: {type(err).__name__}: {err}")
@@ -263,10 +284,12 @@ def preflight_betons(cfg, splits: tuple[str, ...] = ("train", "val")) -> dict[st
 
 # ---- entry point ------------------------------------------------------------------------------
 def run_preflight(required_files: list[str], writable_dirs: list[str], hostfile: str | None = None,
-                  beton_files: dict[str, str] | None = None) -> None:
+                  beton_files: dict[str, str] | None = None,
+                  space_needed: dict[str, tuple[int, str]] | None = None) -> None:
     """Runs on every rank (collective: call it on all ranks after init_distributed()).
 
     `beton_files` ({config key: path}) get the structural check of `python -m data_prep verify`.
+    `space_needed` ({writable dir: (bytes, what the estimate comes from)}) checks free space.
     Raises PreflightError with the same message on every rank: one line for one problem, else a
     line per problem. hostfile=None reads $DWNET_HOSTFILE; '' skips the hostfile checks."""
     import torch.distributed as dist
@@ -277,7 +300,8 @@ def run_preflight(required_files: list[str], writable_dirs: list[str], hostfile:
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
 
-    mine = local_report(rank, list(required_files), list(writable_dirs), dict(beton_files or {}))
+    mine = local_report(rank, list(required_files), list(writable_dirs), dict(beton_files or {}),
+                        dict(space_needed or {}))
     if world > 1:
         gathered: list[RankReport | None] = [None] * world
         dist.all_gather_object(gathered, mine)

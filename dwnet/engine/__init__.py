@@ -1,4 +1,4 @@
 """The DeepSpeed training engine: config generation, optimizer, loop, checkpoints, export."""
-from .trainer import Trainer, TrainingDiverged
+from .trainer import ResumeMismatchError, Trainer, TrainingDiverged
 
-__all__ = ["Trainer", "TrainingDiverged"]
+__all__ = ["ResumeMismatchError", "Trainer", "TrainingDiverged"]

@@ -6,18 +6,25 @@ Layout under the run directory:
         rng_rank{r}.pt              each rank's RNG states (exact resume)
     checkpoints/latest              name of the newest complete tag (atomic replace)
     checkpoints/best                name of the tag with the best validation top-1
-A SIGKILL mid-save leaves a tag without COMPLETE, which resume ignores and pruning removes.
+A SIGKILL mid-save leaves a tag without COMPLETE, which resume ignores and the next start-up or
+save removes; a save that fails (a full disk) removes its half-written tag at once.
 
 COMPLETE holds the tag's metadata. A tag saved while a non-finite episode was open (skipped steps
 in the guard's window) carries `nonfinite_episode` (the episode's first skipped step): it is never a
 rollback target, and pruning always spares the newest tag without it, the rollback target.
+
+A tag whose files cannot be loaded is renamed `step_N.damaged` (never deleted: it may be
+recoverable by hand); damaged tags are neither resumed, nor pruned, nor discarded.
+COMPLETE also records the run's identity (IDENTITY), which a resume compares with its config.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -25,9 +32,20 @@ import torch
 import torch.distributed as dist
 
 from dwnet.atomic_io import atomic_open, fsync_tree
+from dwnet.errors import UserError
 
 COMPLETE = "COMPLETE"
 EPISODE = "nonfinite_episode"  # COMPLETE key: first skipped step of the episode open at save time
+IDENTITY = "identity"  # COMPLETE key: model, num_classes, global batch, data sizes, ZeRO stage, precision
+DAMAGED = ".damaged"  # suffix of a tag moved aside because a file of it could not be loaded
+
+
+class CheckpointSpaceError(UserError):
+    """A save failed for lack of space; names the path, the free space and the last tag's size."""
+
+
+class DamagedCheckpointError(UserError):
+    """A file of a complete tag cannot be read (disk error, truncated copy); names the file."""
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -44,25 +62,87 @@ def _atomic_write_text(path: str, text: str) -> None:
         fh.write(text)
 
 
+def is_tag_name(name: str) -> bool:
+    """A live tag directory name (not a damaged one moved aside, not a path)."""
+    return name.startswith("step_") and not name.endswith(DAMAGED) and os.sep not in name
+
+
 def complete_tags(root: str) -> list[str]:
     """Complete tags, oldest first."""
     if not os.path.isdir(root):
         return []
-    tags = [t for t in os.listdir(root) if t.startswith("step_") and os.path.isfile(os.path.join(root, t, COMPLETE))]
+    tags = [t for t in os.listdir(root) if is_tag_name(t) and os.path.isfile(os.path.join(root, t, COMPLETE))]
     return sorted(tags)
 
 
+def _is_complete(root: str, tag: Any) -> bool:
+    return isinstance(tag, str) and is_tag_name(tag) and os.path.isfile(os.path.join(root, tag, COMPLETE))
+
+
 def read_pointer(root: str, name: str) -> str | None:
-    path = os.path.join(root, name)
-    if not os.path.isfile(path):
+    """The tag a pointer file names, or None when the file is missing, unreadable (binary garbage)
+    or names no complete tag: a damaged pointer must never stop a save or a resume."""
+    try:
+        with open(os.path.join(root, name), encoding="utf-8") as fh:
+            tag = fh.read(4096).strip()
+    except (OSError, UnicodeDecodeError, ValueError):
         return None
-    tag = open(path).read().strip()
-    return tag if os.path.isfile(os.path.join(root, tag, COMPLETE)) else None
+    return tag if _is_complete(root, tag) else None
+
+
+def rebuilt_pointer(root: str, name: str) -> str | None:
+    """`latest` or `best` as the tags themselves say: the newest complete tag, and the best tag
+    recorded in its COMPLETE metadata."""
+    newest = newest_complete_tag(root)
+    if name == "latest" or newest is None:
+        return newest
+    best = safe_meta(root, newest).get("best")
+    return best if _is_complete(root, best) else None
+
+
+def pointer(root: str, name: str) -> str | None:
+    """`latest`/`best`, rebuilt from the tags when the pointer file is absent or damaged."""
+    return read_pointer(root, name) or rebuilt_pointer(root, name)
+
+
+def repair_pointers(root: str) -> list[str]:
+    """Rank 0: rewrites `latest`/`best` files that are missing, damaged or stale from the tags;
+    returns the names of those that existed (a missing one is not news)."""
+    repaired = []
+    for name in ("latest", "best"):
+        path = os.path.join(root, name)
+        if read_pointer(root, name) is not None:
+            continue
+        existed = os.path.lexists(path)
+        tag = rebuilt_pointer(root, name)
+        if tag is not None:
+            _atomic_write_text(path, tag)
+        elif existed:
+            os.remove(path)
+        if existed:
+            repaired.append(name)
+    return repaired
 
 
 def read_meta(root: str, tag: str) -> dict[str, Any]:
-    with open(os.path.join(root, tag, COMPLETE)) as fh:
-        return json.load(fh)
+    """COMPLETE's metadata; DamagedCheckpointError when it is unreadable."""
+    path = os.path.join(root, tag, COMPLETE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DamagedCheckpointError(f"{path}: unreadable ({type(err).__name__})") from err
+    if not isinstance(meta, dict):
+        raise DamagedCheckpointError(f"{path}: not a JSON object")
+    return meta
+
+
+def safe_meta(root: str, tag: str) -> dict[str, Any]:
+    """read_meta, or {} for a damaged COMPLETE (for pruning and pointers, which must not crash)."""
+    try:
+        return read_meta(root, tag)
+    except DamagedCheckpointError:
+        return {}
 
 
 def newest_complete_tag(root: str) -> str | None:
@@ -77,8 +157,9 @@ def is_clean(root: str, tag: str) -> bool:
 
 def rollback_target(root: str) -> str | None:
     """The newest complete tag saved outside any non-finite episode. Every tag saved after the
-    current episode's first skip is marked, so this tag predates that skip."""
-    clean = [t for t in complete_tags(root) if is_clean(root, t)]
+    current episode's first skip is marked, so this tag predates that skip. A tag with an
+    unreadable COMPLETE is not a target."""
+    clean = [t for t in complete_tags(root) if safe_meta(root, t) and is_clean(root, t)]
     return clean[-1] if clean else None
 
 
@@ -106,24 +187,111 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep_las
     if os.path.isfile(os.path.join(root, tag, COMPLETE)):
         return tag
     rank = dist.get_rank() if dist.is_initialized() else 0
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), os.path.join(root, tag, f"rng_rank{rank}.pt"))
-    # COMPLETE must never reach the disk before the data it vouches for (a node losing power
-    # right after a save would otherwise leave a 'complete' tag of empty files).
-    fsync_tree(os.path.join(root, tag))
+    try:
+        engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), os.path.join(root, tag, f"rng_rank{rank}.pt"))
+        # COMPLETE must never reach the disk before the data it vouches for (a node losing power
+        # right after a save would otherwise leave a 'complete' tag of empty files).
+        fsync_tree(os.path.join(root, tag))
+    except (OSError, RuntimeError) as err:
+        # The half-written tag goes at once: left in place it eats the space the rerun needs.
+        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+        if out_of_space(root, err):
+            raise CheckpointSpaceError(space_message(root, tag, err)) from err
+        raise
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
         # The best tag as of this save, so that a rollback to this tag can restore the pointer.
-        best = tag if is_best else read_pointer(root, "best")
+        best = tag if is_best else pointer(root, "best")
         _atomic_write_text(os.path.join(root, tag, COMPLETE), json.dumps(dict(meta or {}, step=step, best=best)))
         _atomic_write_text(os.path.join(root, "latest"), tag)
         if is_best:
             _atomic_write_text(os.path.join(root, "best"), tag)
+        repair_pointers(root)
         prune(root, keep_last)
     if dist.is_initialized():
         dist.barrier()
     return tag
+
+
+def human_size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def tag_size(root: str, tag: str) -> int:
+    """Bytes of the files of `tag`."""
+    total = 0
+    for dirpath, _, files in os.walk(os.path.join(root, tag)):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return total
+
+
+def free_bytes(path: str) -> int:
+    return shutil.disk_usage(path).free
+
+
+def out_of_space(root: str, err: BaseException) -> bool:
+    """Did this save fail for lack of space? ENOSPC, or torch's zip writer's 'unexpected pos'
+    (what a full disk looks like from torch.save), or less free space than the newest tag needs."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left" in str(err) or "unexpected pos" in str(err):
+        return True
+    newest = newest_complete_tag(root)
+    try:
+        return newest is not None and free_bytes(root) < tag_size(root, newest)
+    except OSError:
+        return False
+
+
+def space_message(root: str, tag: str, err: BaseException) -> str:
+    newest = newest_complete_tag(root)
+    last = f"the last tag {newest} takes {human_size(tag_size(root, newest))}" if newest else "no earlier tag"
+    intact = f"; {newest} is intact and a relaunch resumes from it" if newest else ""
+    cause = (str(err).splitlines() or [type(err).__name__])[0].strip()
+    return (f"checkpoint {os.path.join(root, tag)} not written: no space left on its disk "
+            f"({human_size(free_bytes(root))} free, {last}); the half-written tag was removed{intact}; "
+            f"free space or set checkpoint.dir to a larger disk (the save failed with: {cause})")
+
+
+def space_for_two_tags(cfg) -> tuple[int, str] | None:
+    """(bytes, basis) two checkpoint tags of this run take: from the newest complete tag, or else
+    from the parameter count (fp32 weights and two Adam moments, plus fp32 master weights under
+    bf16/fp16 and the EMA's copy). None when neither can be estimated."""
+    root = checkpoint_root(cfg.checkpoint.dir)
+    newest = newest_complete_tag(root)
+    if newest is not None:
+        return 2 * tag_size(root, newest), f"the newest tag {newest}"
+    try:
+        import copy
+
+        from dwnet.models import build_model
+
+        meta_cfg = copy.deepcopy(cfg)
+        meta_cfg.model.pretrained = None
+        with torch.device("meta"):  # shapes only: no memory, no weights
+            params = sum(p.numel() for p in build_model(meta_cfg).parameters())
+    except Exception:  # noqa: BLE001 - an estimate is a courtesy; no estimate means no check
+        return None
+    per_param = 12 + (4 if cfg.engine.precision != "fp32" else 0) + (4 if cfg.engine.ema else 0)
+    return 2 * params * per_param, f"{cfg.model.name}'s {params:,} parameters with their optimizer state"
+
+
+def remove_incomplete(root: str) -> list[str]:
+    """Rank 0 at start-up, when no save can be running: removes tags without COMPLETE (saves
+    killed or failed half way), which can never be resumed and hold disk space."""
+    if not os.path.isdir(root):
+        return []
+    removed = sorted(t for t in os.listdir(root) if is_tag_name(t) and os.path.isdir(os.path.join(root, t))
+                     and not os.path.isfile(os.path.join(root, t, COMPLETE)))
+    for tag in removed:
+        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+    return removed
 
 
 def prune(root: str, keep_last: int) -> None:
@@ -133,12 +301,12 @@ def prune(root: str, keep_last: int) -> None:
     Called on rank 0 after every rank finished saving, so an incomplete tag is a killed save.
     """
     keep = set(complete_tags(root)[-keep_last:])
-    for spared in (read_pointer(root, "best"), rollback_target(root)):
+    for spared in (pointer(root, "best"), rollback_target(root)):
         if spared:
             keep.add(spared)
     for tag in os.listdir(root):
         path = os.path.join(root, tag)
-        if tag.startswith("step_") and os.path.isdir(path) and tag not in keep:
+        if is_tag_name(tag) and os.path.isdir(path) and tag not in keep:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -150,7 +318,7 @@ def discard_after(root: str, target: str) -> list[str]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     removed: list[str] = []
     if rank == 0:
-        removed = sorted(t for t in os.listdir(root) if t.startswith("step_") and t > target)
+        removed = sorted(t for t in os.listdir(root) if is_tag_name(t) and t > target)
         # COMPLETE goes first: a crash half way leaves incomplete tags, which resume ignores.
         for tag in removed:
             marker = os.path.join(root, tag, COMPLETE)
@@ -159,14 +327,68 @@ def discard_after(root: str, target: str) -> list[str]:
         for tag in removed:
             shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
         _atomic_write_text(os.path.join(root, "latest"), target)
-        best = read_meta(root, target).get("best")
-        if best and os.path.isfile(os.path.join(root, best, COMPLETE)):
+        best = safe_meta(root, target).get("best")
+        if _is_complete(root, best):
             _atomic_write_text(os.path.join(root, "best"), best)
         elif os.path.isfile(os.path.join(root, "best")) and read_pointer(root, "best") is None:
             os.remove(os.path.join(root, "best"))
     if dist.is_initialized():
         dist.barrier()
     return removed
+
+
+def damaged_file(path: str) -> str | None:
+    """Why `path` (a torch.save zip archive) cannot be read, or None: every member's CRC is checked,
+    so a truncated copy or a flipped bit is found without unpickling anything."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
+    return f"member {bad} fails its CRC check" if bad else None
+
+
+def tag_files(root: str, tag: str) -> list[str]:
+    tag_dir = os.path.join(root, tag)
+    return sorted(os.path.join(tag_dir, f) for f in os.listdir(tag_dir) if f.endswith(".pt"))
+
+
+def verify_tag(root: str, tag: str, rank: int = 0, world_size: int = 1) -> str | None:
+    """'FILE: problem' for the first unreadable file of `tag` among this rank's share (every
+    world_size-th file, so that ranks split the reading), or None."""
+    try:
+        read_meta(root, tag)
+        files = tag_files(root, tag)
+    except (DamagedCheckpointError, OSError) as err:
+        return str(err)
+    if not any(f.endswith("model_states.pt") for f in files):
+        return f"{os.path.join(root, tag)}: no model states file"
+    for path in files[rank::world_size]:
+        problem = damaged_file(path)
+        if problem:
+            return f"{path}: {problem}"
+    return None
+
+
+def check_readable(root: str, tag: str) -> None:
+    """DamagedCheckpointError naming the file when `tag` cannot be read (for --eval/--export)."""
+    problem = verify_tag(root, tag)
+    if problem:
+        others = [t for t in complete_tags(root) if t != tag]
+        raise DamagedCheckpointError(
+            f"checkpoint {tag} is damaged: {problem}; use another tag with --checkpoint-tag"
+            + (f" (complete: {', '.join(others)})" if others else ""))
+
+
+def move_aside(root: str, tag: str) -> str:
+    """Renames a damaged tag to `step_N.damaged` (never deletes it); returns the new name."""
+    name, k = tag + DAMAGED, 1
+    while os.path.lexists(os.path.join(root, name)):
+        k += 1
+        name = f"{tag}.{k}{DAMAGED}"
+    os.rename(os.path.join(root, tag), os.path.join(root, name))
+    repair_pointers(root)  # `latest`/`best` may have named the tag
+    return name
 
 
 def load(engine, run_dir: str, tag: str, load_optimizer_states: bool = True) -> dict[str, Any]:
@@ -176,8 +398,8 @@ def load(engine, run_dir: str, tag: str, load_optimizer_states: bool = True) -> 
         root, tag=tag, load_optimizer_states=load_optimizer_states,
         load_lr_scheduler_states=False, load_module_strict=True)
     if client_state is None:
-        raise RuntimeError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint; "
-                           "remove the tag directory to fall back to the previous one")
+        raise DamagedCheckpointError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint; "
+                                     f"rename the tag directory to {tag}{DAMAGED} to fall back to the previous one")
     load_rng_state(root, tag)
     return client_state
 

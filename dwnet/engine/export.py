@@ -65,12 +65,14 @@ def export_official(root: str, tag: str, out_path: str, extra: dict[str, Any] | 
 
 
 def resolve_tag(run_dir: str, which: str = "best") -> str:
-    """'best', 'latest' or an explicit tag of the run directory's checkpoints."""
+    """'best', 'latest' or an explicit tag of the run directory's checkpoints, checked readable
+    (DamagedCheckpointError names the damaged file)."""
     root = checkpointing.checkpoint_root(run_dir)
     if which in ("best", "latest"):
-        tag = checkpointing.read_pointer(root, which) or checkpointing.newest_complete_tag(root)
+        tag = checkpointing.pointer(root, which)
     else:
         tag = which if os.path.isfile(os.path.join(root, which, checkpointing.COMPLETE)) else None
     if tag is None:
         raise FileNotFoundError(f"{root}: no complete checkpoint ({which}); train first or pass --checkpoint-tag")
+    checkpointing.check_readable(root, tag)
     return tag

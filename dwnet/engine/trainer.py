@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import dwnet.models  # noqa: F401  (registers the models)
 from dwnet.config import ConfigError, RunConfig, global_batch_size
+from dwnet.errors import UserError
 from dwnet.models import build_model
 
 from . import checkpointing
@@ -35,6 +36,10 @@ from .run_log import RunLog
 from .step_guard import StepGuard, StepOutcome
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ResumeMismatchError(UserError):
+    """The checkpoint to resume belongs to another model or batch setting; one line naming both values."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,11 +62,12 @@ class Progress:
 
 class Trainer:
     """Trains `cfg` on this rank. Loaders and the model factory can be passed in (tests, notebooks);
-    by default they come from `dwnet.data` and `build_model`."""
+    by default they come from `dwnet.data` and `build_model`. `switch_precision` lets a resume
+    change an fp32 checkpoint to a lower engine.precision (train.py --switch-precision)."""
 
     def __init__(self, cfg: RunConfig, rank: int, world_size: int, device: torch.device,
                  train_loader=None, val_loader=None,
-                 model_factory: Callable[[RunConfig], nn.Module] = build_model):
+                 model_factory: Callable[[RunConfig], nn.Module] = build_model, switch_precision: bool = False):
         self.cfg = cfg
         self.model_factory = model_factory
         self.rank = rank
@@ -76,16 +82,25 @@ class Trainer:
             raise ConfigError("model.sync_bn=true needs CUDA devices (torch SyncBatchNorm has no CPU kernel); "
                               "set model.sync_bn=false for CPU runs")
         self.progress = Progress(precision=cfg.engine.precision)
+        self.switch_precision = switch_precision
         self.resume_tag = self._find_resume_tag()
+        self._build_data(train_loader, val_loader)
+        saved_precision = cfg.engine.precision
         if self.resume_tag:
             meta = checkpointing.read_meta(checkpointing.checkpoint_root(self.run_dir), self.resume_tag)
-            self.progress.precision = meta.get("precision", self.progress.precision)
-        self._build_data(train_loader, val_loader)
+            self._check_identity(self.resume_tag, meta.get(checkpointing.IDENTITY))
+            saved_precision = meta.get("precision", cfg.engine.precision)
+            self.progress.precision = self._resume_precision(self.resume_tag, saved_precision)
         self.guard = NonFiniteGuard(cfg.engine.nonfinite_max_skips, cfg.engine.nonfinite_window)
         self.step_guard = StepGuard(world_size)
-        self._build_engine(self.progress.precision)
+        if self.resume_tag and saved_precision != self.progress.precision:
+            self._restore_in_precision(self.resume_tag, self.progress.precision)  # builds the engine
+        else:
+            self._build_engine(self.progress.precision)
+            if self.resume_tag:
+                self._restore(self.resume_tag)
         if self.resume_tag:
-            self._resume(self.resume_tag)
+            self._resume()
 
     # ---- construction ---------------------------------------------------------------------
     def _build_data(self, train_loader, val_loader) -> None:
@@ -139,9 +154,32 @@ class Trainer:
 
     # ---- resume ---------------------------------------------------------------------------
     def _find_resume_tag(self) -> str | None:
+        """Collective. The newest complete tag whose files all read back; damaged newer ones are
+        moved aside (`step_N.damaged`) with one line each, so a bad disk block never blocks a run."""
         if not self.cfg.checkpoint.auto_resume:
             return None
         root = checkpointing.checkpoint_root(self.run_dir)
+        if self.rank == 0 and os.path.isdir(root):
+            removed = checkpointing.remove_incomplete(root)
+            if removed:
+                self.log.info("removed incomplete checkpoint tags (saves cut short): %s", ", ".join(removed))
+            for name in checkpointing.repair_pointers(root):
+                self.log.warning("%s: damaged or stale pointer file, rebuilt from the tags", os.path.join(root, name))
+        while True:
+            tag = self._agreed_newest_tag(root)
+            if tag is None:
+                return None
+            problem = self._verify_on_all_ranks(root, tag)
+            if problem is None:
+                return tag
+            if self.rank == 0:
+                moved = checkpointing.move_aside(root, tag)
+                self.log.warning("checkpoint %s is damaged (%s): moved aside to %s, resuming from the previous "
+                                 "complete tag", tag, problem, moved)
+            if dist.is_initialized():
+                dist.barrier()  # every rank sees the rename before looking for the next tag
+
+    def _agreed_newest_tag(self, root: str) -> str | None:
         tag = checkpointing.newest_complete_tag(root)
         # Every rank must agree (a node with a stale shared-filesystem view would otherwise diverge).
         if dist.is_initialized():
@@ -152,8 +190,80 @@ class Trainer:
                                    "the checkpoint directory must be one shared path")
         return tag
 
-    def _resume(self, tag: str) -> None:
-        self._restore(tag)
+    def _verify_on_all_ranks(self, root: str, tag: str) -> str | None:
+        """Collective: the ranks split the tag's files, check them, and all get the first problem
+        found, so that all take the same decision (and none enters a load the others skip)."""
+        problem = checkpointing.verify_tag(root, tag, self.rank, self.world_size)
+        if not dist.is_initialized():
+            return problem
+        problems = [None] * self.world_size
+        dist.all_gather_object(problems, problem)
+        return next((p for p in problems if p), None)
+
+    def identity(self) -> dict:
+        """What a checkpoint of this run must match to be resumed by it (saved in COMPLETE)."""
+        cfg = self.cfg
+        return {"model": cfg.model.name, "num_classes": cfg.model.num_classes,
+                "global_batch": global_batch_size(cfg, self.world_size), "batch_size": cfg.data.batch_size,
+                "world_size": self.world_size, "accumulation_steps": cfg.optim.accumulation_steps,
+                "train_batches_per_rank": len(self.train_loader) if self.train_loader is not None else 0,
+                "zero_stage": cfg.engine.zero_stage, "epochs": cfg.optim.epochs}
+
+    def _check_identity(self, tag: str, saved: dict | None) -> None:
+        """Stops (one line) a resume that would load another model or reinterpret the saved
+        position; announces the changes that are safe. Tags from before identities: unchecked."""
+        if not saved:
+            return
+        mine, where = self.identity(), os.path.join(checkpointing.checkpoint_root(self.run_dir), tag)
+        saved = {**mine, **saved}  # keys a newer dwnet adds are unchecked on older tags
+        for key, field_name in (("model", "model.name"), ("num_classes", "model.num_classes")):
+            if saved[key] != mine[key]:
+                raise ResumeMismatchError(
+                    f"{where} holds {field_name}={saved[key]}, this run has {field_name}={mine[key]}; set "
+                    f"{field_name}={saved[key]} to resume it, or use a new checkpoint.dir for the new model")
+        if saved["global_batch"] != mine["global_batch"]:
+            raise ResumeMismatchError(
+                f"{where} was saved with global batch {saved['global_batch']} (data.batch_size={saved['batch_size']} x "
+                f"{saved['world_size']} ranks x optim.accumulation_steps={saved['accumulation_steps']}), this run has "
+                f"{mine['global_batch']}: the saved position and schedule would be reinterpreted; restore the batch "
+                f"settings to resume, or use a new checkpoint.dir")
+        if saved["zero_stage"] != mine["zero_stage"]:
+            raise ResumeMismatchError(
+                f"{where} was saved with engine.zero_stage={saved['zero_stage']}, this run has "
+                f"engine.zero_stage={mine['zero_stage']}: resuming across ZeRO stages is not supported; "
+                f"set engine.zero_stage={saved['zero_stage']} to resume")
+        if saved["train_batches_per_rank"] != mine["train_batches_per_rank"]:
+            self.log.warning("resuming %s with %d train batches per rank per epoch (saved with %d): the training "
+                             "data changed", tag, mine["train_batches_per_rank"], saved["train_batches_per_rank"])
+        if mine["epochs"] > saved["epochs"]:
+            self.log.info("optim.epochs raised from %d to %d: the LR schedule continues on the longer cosine",
+                          saved["epochs"], mine["epochs"])
+
+    def _resume_precision(self, tag: str, saved: str) -> str:
+        """Switching to fp32 is always allowed; away from fp32 (which may be a non-finite
+        fallback's decision) only with switch_precision. Announced in one line either way."""
+        wanted = self.cfg.engine.precision
+        if wanted == saved:
+            return saved
+        if wanted == "fp32" or self.switch_precision:
+            self.log.info("resuming %s (saved in %s) in %s as engine.precision asks; optimizer moments restart",
+                          tag, saved, wanted)
+            return wanted
+        self.log.info("resuming %s in %s as saved (engine.precision=%s is not applied: pass --switch-precision "
+                      "to continue in %s)", tag, saved, wanted, wanted)
+        return saved
+
+    @property
+    def finished(self) -> bool:
+        return self.progress.epoch >= self.cfg.optim.epochs
+
+    def finished_message(self) -> str:
+        return (f"run already finished (epoch {self.progress.epoch} of {self.cfg.optim.epochs}); "
+                "raise optim.epochs to continue")
+
+    def _resume(self) -> None:
+        """After the engine holds the resumed tag: carries on the guard's window and says where."""
+        tag = self.resume_tag
         # A crash does not close a non-finite episode: tags saved after the resume stay marked.
         self.guard.skipped_steps.extend(self.progress.recent_skips)
         self.log.info("resumed from %s: epoch %d, batch %d, step %d, precision %s", tag,
@@ -165,6 +275,19 @@ class Trainer:
         self.progress = Progress(**client["progress"])
         if self.ema is not None and client.get("ema") is not None:
             self.ema.module.load_state_dict(client["ema"])
+        self.scheduler.step_update(self.progress.step)
+
+    def _restore_in_precision(self, tag: str, precision: str) -> None:
+        """`tag` into a fresh engine of another precision: the fp32 master weights seed it, the
+        optimizer moments restart (DeepSpeed cannot load them across precisions)."""
+        root = checkpointing.checkpoint_root(self.run_dir)
+        saved = read_client_state(root, tag)
+        self._build_engine(precision, state_dict=consolidated_state_dict(root, tag))
+        self.progress = Progress(**saved["progress"])
+        self.progress.precision = precision
+        if self.ema is not None and saved.get("ema") is not None:
+            self.ema.module.load_state_dict(saved["ema"])
+        checkpointing.load_rng_state(root, tag)
         self.scheduler.step_update(self.progress.step)
 
     # ---- training -------------------------------------------------------------------------
@@ -362,7 +485,8 @@ class Trainer:
             return None
         self.sync_batchnorm_statistics()
         p = self.progress
-        meta = {"step": p.step, "epoch": p.epoch, "precision": p.precision}
+        meta = {"step": p.step, "epoch": p.epoch, "precision": p.precision,
+                checkpointing.IDENTITY: self.identity()}
         p.recent_skips = [] if not self.guard.skips_in_window(p.step) else list(self.guard.skipped_steps)
         if p.recent_skips:
             meta[checkpointing.EPISODE] = p.recent_skips[0]
@@ -399,14 +523,7 @@ class Trainer:
                          target, since, why, new_precision,
                          f"; removed the newer {', '.join(removed)}" if removed else "")
         if new_precision != old_precision:
-            # The fp32 master weights of the bf16 run seed a fresh fp32 engine; Adam moments restart.
-            saved = read_client_state(root, target)
-            self._build_engine(new_precision, state_dict=consolidated_state_dict(root, target))
-            self.progress = Progress(**saved["progress"])
-            self.progress.precision = new_precision
-            if self.ema is not None and saved.get("ema") is not None:
-                self.ema.module.load_state_dict(saved["ema"])
-            checkpointing.load_rng_state(root, target)
+            self._restore_in_precision(target, new_precision)
         else:
             self._restore(target)
         self.guard.reset()
