@@ -179,6 +179,6 @@ def throughput(cfg, device, rank: int) -> int:
 
 
 if __name__ == "__main__":
-    from dwnet.distributed import run_and_exit_on_failure
+    from dwnet.distributed import exit_now, run_and_exit_on_failure
 
-    sys.exit(run_and_exit_on_failure(main))
+    exit_now(run_and_exit_on_failure(main))

@@ -250,6 +250,25 @@ def test_run_and_exit_on_failure(tmp_path, body, code, needle):
         assert marker.exists()
 
 
+def test_finished_entry_point_exits_zero_without_the_teardown(tmp_path):
+    """A finished run ends through exit_now: a C++ destructor that aborts at interpreter teardown
+    (modelled by an atexit hook calling abort) can no longer turn exit code 0 into SIGABRT, and
+    what the run printed is flushed."""
+    script = textwrap.dedent(f"""
+        import atexit, os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from dwnet.distributed import exit_now, run_and_exit_on_failure
+        atexit.register(os.abort)
+        def main():
+            print("finished", end="")
+            return 0
+        exit_now(run_and_exit_on_failure(main))
+    """)
+    proc = subprocess.run([PY, "-c", script], env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "finished"
+
+
 # ---- end-to-end launches ---------------------------------------------------------------------------
 def _read(out: Path, prefix: str, n: int) -> list[dict]:
     files = sorted(out.glob(f"{prefix}*.json"))
