@@ -65,9 +65,19 @@ def exit_now(code: int | None) -> None:
     The entry points end this way on success too: every file a run writes is closed (and fsynced)
     when it is written, while the teardown runs C++ destructors (gloo pairs, DeepSpeed's
     shared-memory all-reduce, ffcv's threads) that can abort with SIGABRT once a peer rank has
-    already exited, turning a finished run into exit code -6."""
+    already exited, turning a finished run into exit code -6. A finished MPI rank still calls
+    MPI_Finalize (a collective every finished rank reaches): mpirun counts a rank that exits
+    without it as failed. A failed rank does not, as its peers may never get there."""
     try:
         sys.stdout.flush()
         sys.stderr.flush()
+        if not code:
+            _finalize_mpi()
     finally:
         os._exit(code or 0)
+
+
+def _finalize_mpi() -> None:
+    mpi = sys.modules.get("mpi4py.MPI")  # imported only by the OpenMPI/PMI discovery
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
