@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""The steps of `bench/gpu_check.sh` after installation: CUDA tests, a generated JPEG tree, the
-training benchmark, and one JSON (`gpu_check.json`) plus a printed table of everything.
+"""The steps of `bench/gpu_check.sh` after installation: CUDA tests, a generated JPEG tree (converted
+by `data_prep` when ffcv imports), the training benchmark, and one JSON (`gpu_check.json`) plus a
+printed table of everything.
 
 Every step runs in its own process with its own time limit, so one that hangs or crashes costs
 only its own figures; the deadline (`--budget-s`) is shared, and the training benchmark gets what
