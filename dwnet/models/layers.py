@@ -31,6 +31,10 @@ class BatchNormFP32(nn.BatchNorm2d):
     def _apply(self, fn, recurse=True):
         # `.bfloat16()` / `.half()` on the whole model must not degrade the running statistics.
         super()._apply(fn, recurse)
+        return self.keep_statistics_fp32()
+
+    def keep_statistics_fp32(self):
+        """Puts the running statistics back in fp32 after a dtype cast; returns the module."""
         for name in ("running_mean", "running_var"):
             buf = getattr(self, name)
             if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:

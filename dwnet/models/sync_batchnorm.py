@@ -21,16 +21,14 @@ class SyncBatchNormFP32(nn.SyncBatchNorm):
     """nn.SyncBatchNorm whose running statistics stay fp32 under `.bfloat16()` and whose affine
     parameters enter the kernels as fp32; the output has the input's dtype."""
 
-    update_batch_count = BatchNormFP32.update_batch_count  # the same bookkeeping (no super() inside)
+    # BatchNormFP32's bookkeeping and dtype rule, shared as plain functions (neither calls super()).
+    update_batch_count = BatchNormFP32.update_batch_count
+    keep_statistics_fp32 = BatchNormFP32.keep_statistics_fp32
 
     def _apply(self, fn, recurse=True):
         # `.bfloat16()` on the whole model must not degrade the running statistics.
         super()._apply(fn, recurse)
-        for name in ("running_mean", "running_var"):
-            buf = getattr(self, name)
-            if buf is not None and buf.dtype != torch.float32:
-                setattr(self, name, buf.float())
-        return self
+        return self.keep_statistics_fp32()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
