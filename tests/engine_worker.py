@@ -23,6 +23,16 @@ def tiny_run_config(run_dir: str, *overrides: str):
         "checkpoint.every_steps=0", f"checkpoint.dir={run_dir}", *overrides])
 
 
+def weights(trainer) -> dict[str, torch.Tensor]:
+    """Whole fp32 copies of every parameter and buffer (ZeRO-3 partitions are gathered first)."""
+    import deepspeed
+
+    module = trainer.engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()),
+                                           enabled=trainer.engine.zero_optimization_stage() == 3):
+        return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+
 def loss_curve(cfg, rank: int, world_size: int) -> dict:
     from dwnet.engine import Trainer
 

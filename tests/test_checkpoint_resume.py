@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import engine_worker  # noqa: E402
+from engine_worker import weights  # noqa: E402
 from launch_harness import clean_env  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
@@ -35,10 +36,6 @@ def make_trainer(run_dir, *overrides, poison=None, switch_precision=False, n=256
     val = TensorValLoader(images[:64], labels[:64], 32)
     return Trainer(cfg, 0, 1, torch.device("cpu"), train_loader=train, val_loader=val,
                    switch_precision=switch_precision)
-
-
-def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float().clone() for k, v in trainer.engine.module.state_dict().items()}
 
 
 def digest(root: Path) -> dict[str, str]:

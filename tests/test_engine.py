@@ -15,6 +15,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import engine_worker  # noqa: E402
+from engine_worker import weights  # noqa: E402
 from launch_harness import clean_env  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
@@ -35,16 +36,6 @@ def make_trainer(run_dir, *overrides, batch_size=16, poison=None, model_factory=
     val = TensorValLoader(images[:64], labels[:64], 32)
     kwargs = {"model_factory": model_factory} if model_factory else {}
     return Trainer(cfg, 0, 1, torch.device("cpu"), train_loader=train, val_loader=val, **kwargs)
-
-
-def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """Whole fp32 copies of every parameter and buffer (ZeRO-3 partitions are gathered first)."""
-    import deepspeed
-
-    module = trainer.engine.module
-    with deepspeed.zero.GatheredParameters(list(module.parameters()),
-                                           enabled=trainer.engine.zero_optimization_stage() == 3):
-        return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
 
 
 # ---- multi-rank: every ZeRO stage in fp32 and bf16 ------------------------------------------

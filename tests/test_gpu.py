@@ -16,6 +16,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import engine_worker  # noqa: E402
+from engine_worker import weights  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
 import dwnet.models  # noqa: E402,F401
@@ -115,24 +116,15 @@ def cuda_trainer(run_dir, *overrides, poison=None, n: int = 128):
     return Trainer(cfg, 0, 1, device, train_loader=train, val_loader=val)
 
 
-def module_state(trainer) -> dict[str, torch.Tensor]:
-    import deepspeed
-
-    module = trainer.engine.module
-    with deepspeed.zero.GatheredParameters(list(module.parameters()),
-                                           enabled=trainer.engine.zero_optimization_stage() == 3):
-        return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
-
-
 @gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_engine_trains_on_cuda(process_group, tmp_path, zero_stage, precision):
     trainer = cuda_trainer(tmp_path, f"engine.zero_stage={zero_stage}", f"engine.precision={precision}",
                            "optim.epochs=2")
-    before = module_state(trainer)
+    before = weights(trainer)
     final = trainer.fit()
-    after = module_state(trainer)
+    after = weights(trainer)
     assert trainer.guard.total_skipped == 0
     assert trainer.progress.step == 2 * trainer.steps_per_epoch
     assert all(torch.isfinite(v).all() for v in after.values())
@@ -159,7 +151,7 @@ def test_nonfinite_step_is_skipped_on_cuda(process_group, tmp_path, settings):
 
     def recording_finish_step():  # the model as each optimizer step leaves it, guard included
         outcome = finish_step()
-        snapshots[len(snapshots)] = module_state(trainer)
+        snapshots[len(snapshots)] = weights(trainer)
         return outcome
 
     trainer.finish_step = recording_finish_step
@@ -168,7 +160,7 @@ def test_nonfinite_step_is_skipped_on_cuda(process_group, tmp_path, settings):
     before, after = snapshots[poisoned_batch - 1], snapshots[poisoned_batch]
     for key in before:
         assert torch.equal(before[key], after[key]), f"{key} changed in a skipped step"
-    assert all(torch.isfinite(v).all() for v in module_state(trainer).values())
+    assert all(torch.isfinite(v).all() for v in weights(trainer).values())
 
 
 @gpu
