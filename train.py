@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--switch-precision", action="store_true",
                         help="resume an fp32 checkpoint in a lower engine.precision (bf16/fp16); without it a "
                              "resume keeps fp32, which may be a non-finite fallback's decision")
+    parser.add_argument("--new-global-batch", action="store_true",
+                        help="resume with the global batch this launch's config gives (LR rescaled) when the "
+                             "checkpoint's cannot be kept on this number of ranks")
     parser.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=True,
                         help="check files, writability and versions on every rank before training")
     return parser.parse_args(argv)
@@ -69,14 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         from dwnet.preflight import preflight_betons, run_preflight
 
         required = [p for p in (cfg.data.train_path, cfg.data.val_path) if p]
-        from dwnet.engine.checkpointing import space_for_two_tags
+        from dwnet.engine.checkpoint_space import space_for_two_tags
 
         space = space_for_two_tags(cfg)
         run_preflight(required_files=required, writable_dirs=[cfg.checkpoint.dir], beton_files=preflight_betons(cfg),
                       space_needed={cfg.checkpoint.dir: space} if space else None)
     from dwnet.engine import Trainer, TrainingDiverged
 
-    trainer = Trainer(cfg, env.rank, env.world_size, device, switch_precision=args.switch_precision)
+    trainer = Trainer(cfg, env.rank, env.world_size, device, switch_precision=args.switch_precision,
+                      new_global_batch=args.new_global_batch)
     if trainer.finished:
         if env.rank == 0:
             print(trainer.finished_message(), flush=True)
@@ -164,7 +168,7 @@ def throughput(cfg, device, rank: int) -> int:
 
     from dwnet.models import build_model
     from dwnet.engine.throughput import measure_throughput
-    from dwnet.engine.trainer import DTYPES
+    from dwnet.engine.ds_config import DTYPES
 
     cfg.model.pretrained = None
     model = build_model(cfg)

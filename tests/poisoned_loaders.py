@@ -32,8 +32,16 @@ class Poisoned:
             return self.bad[key]
         return None
 
-    def epoch(self, epoch: int, start_batch: int = 0):
-        for batch, (images, targets) in enumerate(self.loader.epoch(epoch, start_batch), start=start_batch):
+    def steps_per_epoch(self, accumulation_steps: int = 1) -> int:
+        return self.loader.steps_per_epoch(accumulation_steps)
+
+    @property
+    def dataset_size(self) -> int:
+        return self.loader.dataset_size
+
+    def epoch(self, epoch: int, start_step: int = 0, *, accumulation_steps: int = 1):
+        batches = self.loader.epoch(epoch, start_step, accumulation_steps=accumulation_steps)
+        for batch, (images, targets) in enumerate(batches, start=start_step * accumulation_steps):
             if self.observe is not None:
                 self.observe(epoch, batch)
             value = self.fill_value((epoch, batch))

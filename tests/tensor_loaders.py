@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dwnet.data.sharding import StepLayout, steps_per_epoch, train_epoch_indices
+
 
 def synthetic_dataset(n: int = 256, size: int = 32, classes: int = 10, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
@@ -15,26 +17,31 @@ def synthetic_dataset(n: int = 256, size: int = 32, classes: int = 10, seed: int
 
 
 class TensorTrainLoader:
-    """Deterministic per (seed, epoch); each rank takes every world_size-th sample of the order."""
+    """dwnet.data.TrainLoader's interface and sample order (the shared `sharding` layout) over
+    in-memory tensors, without augmentation."""
 
     def __init__(self, images, labels, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  poison=None):
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.num_samples = len(images) // world_size
-        self.poison = poison  # optional callable(epoch, batch_index, images) -> images
+        self.dataset_size = len(images)
+        self.poison = poison  # optional callable(epoch, micro_batch_index, images) -> images
+
+    def steps_per_epoch(self, accumulation_steps: int = 1) -> int:
+        return steps_per_epoch(self.dataset_size, StepLayout(self.batch_size, self.world_size,
+                                                             accumulation_steps).global_batch)
 
     def __len__(self) -> int:
-        return self.num_samples // self.batch_size
+        return self.steps_per_epoch()
 
-    def epoch(self, epoch: int, start_batch: int = 0):
-        order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
-        mine = order[self.rank::self.world_size][: self.num_samples]
-        for b in range(start_batch, len(self)):
-            idx = mine[b * self.batch_size:(b + 1) * self.batch_size]
+    def epoch(self, epoch: int, start_step: int = 0, *, accumulation_steps: int = 1):
+        layout = StepLayout(self.batch_size, self.world_size, accumulation_steps)
+        mine = torch.from_numpy(train_epoch_indices(self.dataset_size, seed=self.seed, epoch=epoch, layout=layout,
+                                                    rank=self.rank, start_step=start_step))
+        for position, idx in enumerate(mine.split(self.batch_size), start=start_step * accumulation_steps):
             images = self.images[idx]
             if self.poison is not None:
-                images = self.poison(epoch, b, images)
+                images = self.poison(epoch, position, images)
             yield images, self.labels[idx]
 
 

@@ -22,7 +22,7 @@ from engine_worker import weights  # noqa: E402
 from launch_harness import clean_env  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
-from dwnet.engine import ResumeMismatchError, Trainer, checkpointing  # noqa: E402
+from dwnet.engine import ResumeMismatchError, Trainer, checkpoint_space, checkpointing  # noqa: E402
 from dwnet.engine.checkpointing import DamagedCheckpointError  # noqa: E402
 from dwnet.engine.export import resolve_tag  # noqa: E402
 
@@ -156,10 +156,12 @@ def test_garbage_pointers_are_rebuilt_and_never_break_saves(one_epoch_run, tmp_p
     ("model.name=dwnet_nano", "holds model.name=dwnet_femto, this run has model.name=dwnet_nano; "
                               "set model.name=dwnet_femto to resume it"),
     ("model.num_classes=5", "holds model.num_classes=10, this run has model.num_classes=5"),
-    ("data.batch_size=8", r"saved with global batch 16 \(data.batch_size=16 x 1 ranks x "
-                          r"optim.accumulation_steps=1\), this run has 8"),
-    ("engine.zero_stage=2", "saved with engine.zero_stage=0, this run has engine.zero_stage=2: resuming across "
-                            "ZeRO stages is not supported; set engine.zero_stage=0 to resume"),
+    ("data.batch_size=5", r"saved with global batch 16 \(data.batch_size=16 x 1 ranks x "
+                          r"optim.accumulation_steps=1\); this run cannot keep it \(16 is not a multiple of "
+                          r"data.batch_size=5\): set data.batch_size to 16 or 8 or 4 or 2, or pass "
+                          r"--new-global-batch to continue with global batch 5"),
+    ("engine.zero_stage=2", "saved with engine.zero_stage=0, this run has engine.zero_stage=2: ZeRO-0 keeps no "
+                            "optimizer shards for DeepSpeed's universal converter"),
 ])
 def test_resume_with_another_model_batch_or_stage_stops_in_one_line(one_epoch_run, process_group, override,
                                                                      message):
@@ -246,7 +248,7 @@ def test_save_on_a_full_disk_says_so_and_removes_the_half_written_tag(one_epoch_
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3504064 vs 3503956")
 
     trainer.engine.save_checkpoint = disk_full
-    with pytest.raises(checkpointing.CheckpointSpaceError) as err:
+    with pytest.raises(checkpoint_space.CheckpointSpaceError) as err:
         trainer.save(suffix="full")
     line = str(err.value)
     assert "\n" not in line and f"checkpoint {root / 'step_00000016.full'} not written: no space left" in line
@@ -273,10 +275,10 @@ def test_preflight_names_the_space_shortfall_for_two_tags(one_epoch_run, tmp_pat
     from dwnet.preflight import PreflightError, run_preflight
 
     cfg = engine_worker.tiny_run_config(str(one_epoch_run))
-    needed, basis = checkpointing.space_for_two_tags(cfg)
+    needed, basis = checkpoint_space.space_for_two_tags(cfg)
     root = str(one_epoch_run / "checkpoints")
-    assert needed == 2 * checkpointing.tag_size(root, "step_00000016") and basis == "the newest tag step_00000016"
-    fresh_needed, fresh_basis = checkpointing.space_for_two_tags(engine_worker.tiny_run_config(str(tmp_path / "new")))
+    assert needed == 2 * checkpoint_space.tag_size(root, "step_00000016") and basis == "the newest tag step_00000016"
+    fresh_needed, fresh_basis = checkpoint_space.space_for_two_tags(engine_worker.tiny_run_config(str(tmp_path / "new")))
     assert fresh_needed > 0 and "parameters with their optimizer state" in fresh_basis
     run_preflight([], [str(tmp_path)], hostfile="", space_needed={str(tmp_path): (1024, basis)})  # room: passes
 

@@ -75,7 +75,7 @@ def test_bad_yaml_file_names_the_file_and_line(tmp_path):
 def test_deepspeed_config_is_derived_and_clipping_always_explicit():
     cfg = load_config(None, ["data.batch_size=64", "optim.accumulation_steps=2", "engine.zero_stage=2",
                              "engine.precision=bf16", "optim.grad_clip=5.0"])
-    ds = build_deepspeed_config(cfg, world_size=16)
+    ds = build_deepspeed_config(cfg, world_size=16, precision=cfg.engine.precision)
     assert ds["train_batch_size"] == 64 * 2 * 16 and ds["train_micro_batch_size_per_gpu"] == 64
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 5.0
     assert ds["zero_optimization"]["stage"] == 2
@@ -84,28 +84,28 @@ def test_deepspeed_config_is_derived_and_clipping_always_explicit():
 
 
 def test_fp16_only_on_request_and_with_a_warning():
-    assert not build_deepspeed_config(RunConfig(), 1)["fp16"]["enabled"]
+    assert not build_deepspeed_config(RunConfig(), 1, "fp32")["fp16"]["enabled"]
     cfg = load_config(None, ["engine.precision=fp16"])
     with pytest.warns(UserWarning, match="diverge under fp16"):
-        assert build_deepspeed_config(cfg, 1)["fp16"]["enabled"]
+        assert build_deepspeed_config(cfg, 1, cfg.engine.precision)["fp16"]["enabled"]
 
 
 def test_user_deepspeed_file_merges_but_cannot_contradict(tmp_path):
     extra = tmp_path / "extra.json"
     extra.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}}))
     cfg = load_config(None, [f"engine.deepspeed_config={extra}", "engine.zero_stage=2"])
-    ds = build_deepspeed_config(cfg, 1)
+    ds = build_deepspeed_config(cfg, 1, cfg.engine.precision)
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["gradient_clipping"] == 5.0
 
     extra.write_text(json.dumps({"gradient_clipping": 1.0}))
     with pytest.raises(ConfigError, match="'gradient_clipping'=1.0 contradicts the run config"):
-        build_deepspeed_config(cfg, 1)
+        build_deepspeed_config(cfg, 1, cfg.engine.precision)
     extra.write_text(json.dumps({"bf16": {"enabled": True}}))
     with pytest.raises(ConfigError, match="'bf16.enabled'=True contradicts engine.precision"):
-        build_deepspeed_config(cfg, 1)
+        build_deepspeed_config(cfg, 1, cfg.engine.precision)
     extra.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(ConfigError, match="'optimizer' is built by dwnet-ds"):
-        build_deepspeed_config(cfg, 1)
+        build_deepspeed_config(cfg, 1, cfg.engine.precision)
 
 
 def test_schema_reference_lists_every_key():

@@ -258,7 +258,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, process_group):
         crashed.fit()
     resumed = make_trainer(tmp_path / "run", "checkpoint.every_steps=3")
     assert resumed.resume_tag == "step_00000018"
-    assert (resumed.progress.epoch, resumed.progress.batch_in_epoch) == (1, 2)
+    assert (resumed.progress.epoch, resumed.progress.step_in_epoch) == (1, 2)
     resumed.fit()
     for (name, a), b in zip(weights(reference).items(), weights(resumed).values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)

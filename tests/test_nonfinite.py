@@ -363,7 +363,7 @@ def test_export_refuses_a_non_finite_checkpoint_in_one_line(tmp_path, process_gr
     trainer.fit()
     next(b for n, b in trainer.engine.module.named_buffers() if "running_var" in n).fill_(math.nan)
     # Written behind the guard's back (as a damaged or foreign checkpoint would be).
-    checkpointing.save(trainer.engine, str(tmp_path), 99, {"progress": trainer.progress.__dict__}, keep_last=5)
+    checkpointing.save(trainer.engine, trainer.checkpoints, 99, {"progress": trainer.progress.state()}, keep_last=5)
     with pytest.raises(SystemExit) as stop:
         train.main(["--export", str(tmp_path / "out.pth"), "--checkpoint-tag", "step_00000099", *cfg_opts])
     message = str(stop.value.code)

@@ -12,53 +12,52 @@ from dwnet.errors import DataError
 from .augment import BatchAugment, normalize
 from .beton_check import check_structure
 from .rng import derive_key
-from .sharding import train_batches_per_epoch, train_epoch_indices, val_rank_indices
+from .sharding import StepLayout, steps_per_epoch, train_epoch_indices, val_rank_indices
 
 _EPOCH, _BATCH = 0x45, 0x42
 
 
 class TrainLoader:
-    """Per-rank training batches. `len(loader)` batches per epoch (the same on every rank; the tail
-    that does not fill a batch on every rank is dropped, a different tail each epoch), each
-    `(images, targets)`: float32 normalised NCHW images on the device, and (B, num_classes) soft
-    targets when mixup/cutmix or label smoothing is on, else int64 labels.
+    """Per-rank training micro-batches, each `(images, targets)`: float32 normalised NCHW images on
+    the device, and (B, num_classes) soft targets when mixup/cutmix or label smoothing is on, else
+    int64 labels.
 
-    Everything random is a function of (seed, epoch, rank, world_size) and the batch or sample index:
-    `epoch(e)` twice gives identical batches, and `epoch(e, start_batch=k)` gives exactly batches
-    k.. of `epoch(e)`, reading (and decoding) only those samples."""
+    The epoch's order does not depend on the number of ranks (see `sharding.py`): `epoch(e,
+    start_step=s, accumulation_steps=A)` yields, for each optimizer step from s on, this rank's A
+    micro-batches of it, reading (and decoding) only those samples. Everything random is a function
+    of (seed, epoch) and the sample or micro-batch's place in the epoch, never of the rank layout:
+    the same micro-batch gets the same crops, flips and mixup on 1 rank or on 16."""
 
-    def __init__(self, reader, augment: BatchAugment, *, dataset_size: int, batch_size: int, seed: int, rank: int,
-                 world_size: int, channels_last: bool) -> None:
+    def __init__(self, reader, augment: BatchAugment, *, dataset_size: int, batch_size: int, seed: int,
+                 rank: int, world_size: int, channels_last: bool) -> None:
         self.reader = reader
         self.augment = augment
         self.dataset_size = dataset_size
         self.batch_size = batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last = channels_last
-        self._batches = train_batches_per_epoch(dataset_size, world_size, batch_size)
+
+    def layout(self, accumulation_steps: int = 1) -> StepLayout:
+        return StepLayout(self.batch_size, self.world_size, accumulation_steps)
+
+    def steps_per_epoch(self, accumulation_steps: int = 1) -> int:
+        return steps_per_epoch(self.dataset_size, self.layout(accumulation_steps).global_batch)
 
     def __len__(self) -> int:
-        return self._batches
+        """Micro-batches per epoch on this rank without accumulation."""
+        return self.steps_per_epoch()
 
-    @property
-    def num_samples(self) -> int:
-        """Samples per epoch on this rank."""
-        return self._batches * self.batch_size
-
-    def epoch_indices(self, epoch: int) -> np.ndarray:
-        """Dataset indices this rank reads in `epoch`, in order (batch b is [b*B:(b+1)*B])."""
-        return train_epoch_indices(self.dataset_size, seed=self.seed, epoch=epoch, rank=self.rank,
-                                   world_size=self.world_size, batch_size=self.batch_size)
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if not 0 <= start_batch <= self._batches:
-            raise ValueError(f"start_batch={start_batch} is outside this epoch's 0..{self._batches} batches")
-        indices = self.epoch_indices(epoch)[start_batch * self.batch_size:]
+    def epoch(self, epoch: int, start_step: int = 0, *,
+              accumulation_steps: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        layout = self.layout(accumulation_steps)
+        indices = train_epoch_indices(self.dataset_size, seed=self.seed, epoch=epoch, layout=layout, rank=self.rank,
+                                      start_step=start_step)
         epoch_key = derive_key(_EPOCH, self.seed, epoch)  # per-sample crops: independent of rank layout
         batches = self.reader.batches(indices, epoch_key)
         try:
-            for batch_index, (images, labels) in enumerate(batches, start=start_batch):
-                key = derive_key(_BATCH, self.seed, epoch, self.rank, batch_index)
+            for position, (images, labels) in enumerate(batches):
+                step, micro = divmod(position, accumulation_steps)
+                key = derive_key(_BATCH, self.seed, epoch, layout.micro_batch_id(start_step + step, self.rank, micro))
                 yield self.augment(images, labels, key=key, channels_last=self.channels_last)
         finally:
             batches.close()
@@ -124,15 +123,14 @@ def build_train_loader(data: DataConfig, augment: AugmentConfig, *, num_classes:
                                         ratio=augment.ratio, hflip=augment.hflip, batch_size=data.batch_size,
                                         num_workers=data.num_workers, device=device)
         size = len(reader)
-    if train_batches_per_epoch(size, world_size, data.batch_size) == 0:
+    if steps_per_epoch(size, data.batch_size * world_size) == 0:
         raise ConfigError(f"data.batch_size={data.batch_size} is larger than a rank's share of data.train_path="
                           f"{data.train_path} ({size} samples over {world_size} rank(s): {size // world_size} each); "
                           f"lower data.batch_size to at most {max(1, size // world_size)}")
     loader_args = dict(dataset_size=size, batch_size=data.batch_size, seed=seed, rank=rank, world_size=world_size,
                        channels_last=channels_last)
     if data.backend == "ffcv":
-        first = train_epoch_indices(size, seed=seed, epoch=0, rank=rank, world_size=world_size,
-                                    batch_size=data.batch_size)
+        first = np.arange(size, dtype=np.int64)  # any order: each epoch sets its own
         reader = FfcvTrainReader(data.train_path, image_size=data.image_size, scale=augment.scale,
                                  ratio=augment.ratio, hflip=augment.hflip, batch_size=data.batch_size,
                                  num_workers=data.num_workers, os_cache=data.os_cache,

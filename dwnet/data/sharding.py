@@ -1,14 +1,20 @@
 """Which samples each rank reads, per epoch. Computed here (not by ffcv's `distributed=True`) so that:
 
-* train: one permutation of the whole dataset per (seed, epoch), shared by all ranks, is cut into
-  disjoint per-rank shards of whole batches (DistributedSampler with drop_last=True, then dropping
-  the partial batch): every rank runs the same number of steps, and a resumed run can slice the
-  epoch at any batch without decoding what it skips;
+* train: the order does not depend on the number of ranks. An epoch is one permutation of the
+  dataset per (seed, epoch); optimizer step s consumes the next `global_batch` samples of it, cut
+  into `global_batch / batch_size` micro-batch *slots*; rank r at accumulation micro-step a takes
+  slot `a * world_size + r`. A run on W ranks with accumulation A and one on W' ranks with A'
+  (W * A = W' * A') therefore compute every step from the same micro-batches, and a run resumed on
+  another number of ranks continues the epoch at the next step's slots, with no sample repeated or
+  skipped. Steps per epoch = N // global_batch; the partial step at the end (a different one each
+  epoch) is dropped.
 * val: rank r takes samples r, r+W, r+2W, ...; ranks short of ceil(N/W) samples repeat one of their
   own samples as padding that the loader labels -1, so all ranks run the same number of batches
   (ZeRO-3 forwards are collective) and every sample is counted exactly once.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,17 +23,50 @@ from .rng import derive_key
 _SHUFFLE = 0x5348
 
 
-def train_batches_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
-    return (num_samples // world_size) // batch_size
+@dataclass(frozen=True)
+class StepLayout:
+    """How one optimizer step's global batch is cut into micro-batches and dealt to the ranks."""
+    batch_size: int  # samples per micro-batch (data.batch_size)
+    world_size: int
+    accumulation_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size * self.accumulation_steps
+
+    @property
+    def slots(self) -> int:
+        """Micro-batches per optimizer step, over all ranks."""
+        return self.world_size * self.accumulation_steps
+
+    def slot(self, rank: int, micro_step: int) -> int:
+        return micro_step * self.world_size + rank
+
+    def micro_batch_id(self, step_in_epoch: int, rank: int, micro_step: int) -> int:
+        """The micro-batch's position in the epoch, the same for every layout of the same global
+        batch: what its augmentation and the model's random draws (drop-path) are keyed on."""
+        return step_in_epoch * self.slots + self.slot(rank, micro_step)
 
 
-def train_epoch_indices(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int,
-                        batch_size: int) -> np.ndarray:
-    """This rank's sample indices for the epoch, in reading order (length = batches * batch_size)."""
-    permutation = np.random.default_rng(derive_key(_SHUFFLE, seed, epoch)).permutation(num_samples)
-    per_rank = num_samples // world_size
-    take = train_batches_per_epoch(num_samples, world_size, batch_size) * batch_size
-    return permutation[:per_rank * world_size][rank::world_size][:take].astype(np.int64)
+def steps_per_epoch(num_samples: int, global_batch: int) -> int:
+    return num_samples // global_batch
+
+
+def epoch_permutation(num_samples: int, *, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng(derive_key(_SHUFFLE, seed, epoch)).permutation(num_samples)
+
+
+def train_epoch_indices(num_samples: int, *, seed: int, epoch: int, layout: StepLayout, rank: int,
+                        start_step: int = 0) -> np.ndarray:
+    """This rank's sample indices for steps `start_step`.. of the epoch, in reading order: per step,
+    its `accumulation_steps` micro-batches of `batch_size` samples."""
+    steps = steps_per_epoch(num_samples, layout.global_batch)
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step={start_step} is outside this epoch's 0..{steps} steps")
+    used = epoch_permutation(num_samples, seed=seed, epoch=epoch)[:steps * layout.global_batch]
+    by_slot = used.reshape(steps, layout.slots, layout.batch_size)
+    mine = [layout.slot(rank, micro) for micro in range(layout.accumulation_steps)]
+    return by_slot[start_step:, mine, :].reshape(-1).astype(np.int64)
 
 
 def val_rank_indices(num_samples: int, *, rank: int, world_size: int) -> tuple[np.ndarray, int]:

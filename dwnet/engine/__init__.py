@@ -1,4 +1,5 @@
 """The DeepSpeed training engine: config generation, optimizer, loop, checkpoints, export."""
-from .trainer import ResumeMismatchError, Trainer, TrainingDiverged
+from .resume import ResumeMismatchError
+from .trainer import Trainer, TrainingDiverged
 
 __all__ = ["ResumeMismatchError", "Trainer", "TrainingDiverged"]

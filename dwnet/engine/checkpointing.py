@@ -19,7 +19,6 @@ COMPLETE also records the run's identity (IDENTITY), which a resume compares wit
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -32,16 +31,16 @@ import torch
 import torch.distributed as dist
 
 from dwnet.atomic_io import atomic_open, fsync_tree
+from dwnet.data.rng import derive_key
 from dwnet.errors import UserError
+
+from . import universal
 
 COMPLETE = "COMPLETE"
 EPISODE = "nonfinite_episode"  # COMPLETE key: first skipped step of the episode open at save time
 IDENTITY = "identity"  # COMPLETE key: model, num_classes, global batch, data sizes, ZeRO stage, precision
 DAMAGED = ".damaged"  # suffix of a tag moved aside because a file of it could not be loaded
-
-
-class CheckpointSpaceError(UserError):
-    """A save failed for lack of space; names the path, the free space and the last tag's size."""
+_NEW_RANK = 0x4E52  # RNG key part for ranks a resumed run has and the saving run had not
 
 
 class DamagedCheckpointError(UserError):
@@ -178,17 +177,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep_last: int,
+def save(engine, root: str, step: int, client_state: dict[str, Any], keep_last: int,
          is_best: bool = False, meta: dict[str, Any] | None = None, suffix: str = "") -> str:
     """Collective: every rank must call it. `meta` goes into COMPLETE, readable without DeepSpeed.
     Never overwrites a complete tag (use `suffix` to save again at the same step). Returns the tag."""
-    root = checkpoint_root(run_dir)
+    from .checkpoint_space import CheckpointSpaceError, out_of_space, space_message
+
     tag = tag_for_step(step, suffix)
     if os.path.isfile(os.path.join(root, tag, COMPLETE)):
         return tag
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
-        engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(root, tag=tag, client_state={**client_state, **universal.CLIENT_STATE},
+                               save_latest=False)
         torch.save(rng_state(), os.path.join(root, tag, f"rng_rank{rank}.pt"))
         # COMPLETE must never reach the disk before the data it vouches for (a node losing power
         # right after a save would otherwise leave a 'complete' tag of empty files).
@@ -213,73 +214,6 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep_las
     if dist.is_initialized():
         dist.barrier()
     return tag
-
-
-def human_size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""
-
-
-def tag_size(root: str, tag: str) -> int:
-    """Bytes of the files of `tag`."""
-    total = 0
-    for dirpath, _, files in os.walk(os.path.join(root, tag)):
-        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
-    return total
-
-
-def free_bytes(path: str) -> int:
-    return shutil.disk_usage(path).free
-
-
-def out_of_space(root: str, err: BaseException) -> bool:
-    """Did this save fail for lack of space? ENOSPC, or torch's zip writer's 'unexpected pos'
-    (what a full disk looks like from torch.save), or less free space than the newest tag needs."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if "No space left" in str(err) or "unexpected pos" in str(err):
-        return True
-    newest = newest_complete_tag(root)
-    try:
-        return newest is not None and free_bytes(root) < tag_size(root, newest)
-    except OSError:
-        return False
-
-
-def space_message(root: str, tag: str, err: BaseException) -> str:
-    newest = newest_complete_tag(root)
-    last = f"the last tag {newest} takes {human_size(tag_size(root, newest))}" if newest else "no earlier tag"
-    intact = f"; {newest} is intact and a relaunch resumes from it" if newest else ""
-    cause = (str(err).splitlines() or [type(err).__name__])[0].strip()
-    return (f"checkpoint {os.path.join(root, tag)} not written: no space left on its disk "
-            f"({human_size(free_bytes(root))} free, {last}); the half-written tag was removed{intact}; "
-            f"free space or set checkpoint.dir to a larger disk (the save failed with: {cause})")
-
-
-def space_for_two_tags(cfg) -> tuple[int, str] | None:
-    """(bytes, basis) two checkpoint tags of this run take: from the newest complete tag, or else
-    from the parameter count (fp32 weights and two Adam moments, plus fp32 master weights under
-    bf16/fp16 and the EMA's copy). None when neither can be estimated."""
-    root = checkpoint_root(cfg.checkpoint.dir)
-    newest = newest_complete_tag(root)
-    if newest is not None:
-        return 2 * tag_size(root, newest), f"the newest tag {newest}"
-    try:
-        import copy
-
-        from dwnet.models import build_model
-
-        meta_cfg = copy.deepcopy(cfg)
-        meta_cfg.model.pretrained = None
-        with torch.device("meta"):  # shapes only: no memory, no weights
-            params = sum(p.numel() for p in build_model(meta_cfg).parameters())
-    except Exception:  # noqa: BLE001 - an estimate is a courtesy; no estimate means no check
-        return None
-    per_param = 12 + (4 if cfg.engine.precision != "fp32" else 0) + (4 if cfg.engine.ema else 0)
-    return 2 * params * per_param, f"{cfg.model.name}'s {params:,} parameters with their optimizer state"
 
 
 def remove_incomplete(root: str) -> list[str]:
@@ -308,6 +242,7 @@ def prune(root: str, keep_last: int) -> None:
         path = os.path.join(root, tag)
         if is_tag_name(tag) and os.path.isdir(path) and tag not in keep:
             shutil.rmtree(path, ignore_errors=True)
+    universal.remove_orphans(root, keep)
 
 
 def discard_after(root: str, target: str) -> list[str]:
@@ -326,6 +261,7 @@ def discard_after(root: str, target: str) -> list[str]:
                 os.remove(marker)
         for tag in removed:
             shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+        universal.remove_orphans(root, set(complete_tags(root)))
         _atomic_write_text(os.path.join(root, "latest"), target)
         best = safe_meta(root, target).get("best")
         if _is_complete(root, best):
@@ -391,22 +327,28 @@ def move_aside(root: str, tag: str) -> str:
     return name
 
 
-def load(engine, run_dir: str, tag: str, load_optimizer_states: bool = True) -> dict[str, Any]:
-    """Loads `tag` into the engine and this rank's RNG states; returns the client state."""
-    root = checkpoint_root(run_dir)
+def load(engine, root: str, tag: str, *, seed: int, reshard: bool = False) -> dict[str, Any]:
+    """Loads `tag` into the engine (from its universal copy when `reshard`: another world size or
+    ZeRO stage) and this rank's RNG states; returns the client state."""
     _, client_state = engine.load_checkpoint(
-        root, tag=tag, load_optimizer_states=load_optimizer_states,
+        universal.universal_root(root) if reshard else root, tag=tag, load_optimizer_states=True,
         load_lr_scheduler_states=False, load_module_strict=True)
     if client_state is None:
         raise DamagedCheckpointError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint; "
                                      f"rename the tag directory to {tag}{DAMAGED} to fall back to the previous one")
-    load_rng_state(root, tag)
+    load_rng_state(root, tag, seed)
     return client_state
 
 
-def load_rng_state(root: str, tag: str) -> None:
-    """This rank's RNG states as saved in `tag` (if it has them)."""
+def load_rng_state(root: str, tag: str, seed: int) -> None:
+    """This rank's RNG states as saved in `tag`; a rank the saving run did not have gets states
+    derived from (seed, rank)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = os.path.join(root, tag, f"rng_rank{rank}.pt")
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        key = derive_key(_NEW_RANK, seed, rank)
+        random.seed(key)
+        np.random.seed([key & 0xFFFFFFFF, key >> 32])
+        torch.manual_seed(key & 0x7FFFFFFFFFFFFFFF)

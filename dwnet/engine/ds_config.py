@@ -5,6 +5,8 @@ import os
 import warnings
 from typing import Any
 
+import torch
+
 from dwnet.config import ConfigError, RunConfig, global_batch_size, read_mapping_file
 
 # Keys that the run config owns; a user DeepSpeed file may not contradict them silently.
@@ -12,9 +14,12 @@ _OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumu
           "gradient_clipping", "optimizer", "scheduler")
 
 
-def build_deepspeed_config(cfg: RunConfig, world_size: int, precision: str | None = None) -> dict[str, Any]:
-    """DeepSpeed JSON for this run. `precision` overrides cfg (used by the bf16 -> fp32 fallback)."""
-    precision = precision or cfg.engine.precision
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_deepspeed_config(cfg: RunConfig, world_size: int, precision: str) -> dict[str, Any]:
+    """DeepSpeed JSON for this run in `precision`: the run's current one (`Progress.precision`),
+    which a resume or the bf16 -> fp32 fallback may have changed from `engine.precision`."""
     if precision == "fp16":
         warnings.warn("fp16 with dynamic loss scaling was requested explicitly; the published DWNet base "
                       "models diverge under fp16 AMP. Prefer engine.precision=bf16 or fp32.", stacklevel=2)

@@ -1,0 +1,123 @@
+"""Resharding a checkpoint for another number of ranks or another ZeRO stage, through DeepSpeed's
+universal checkpoint format (`deepspeed.checkpoint.ds_to_universal`, loaded with
+`checkpoint.load_universal`).
+
+The conversion of `checkpoints/<tag>` is written to `checkpoints/universal/<tag>.partial` and
+renamed to `checkpoints/universal/<tag>` once complete, by rank 0 while the others wait: a killed
+conversion leaves only a `.partial` directory, which the next attempt removes and redoes. The
+original tag is only read, never modified. The converted copy is a cache: `prune` removes it with
+its tag.
+
+What the format does not carry comes from the tag itself: module buffers (BatchNorm statistics)
+and EMA from the client state, RNG states from the tag's `rng_rank{r}.pt`.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import torch.distributed as dist
+from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+from dwnet.atomic_io import fsync_tree
+from dwnet.errors import UserError
+
+UNIVERSAL_DIR = "universal"
+PARTIAL = ".partial"
+DONE = "UNIVERSAL_COMPLETE"
+LOG = "conversion.log"
+# In every tag's client state: what ds_to_universal requires of a checkpoint (pure data
+# parallelism has no tensor-parallel patterns to declare), so no --inject_missing_state is needed.
+CLIENT_STATE = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
+class ConversionError(UserError):
+    """The universal conversion of a tag failed; the tag itself is untouched."""
+
+
+def universal_root(root: str) -> str:
+    return os.path.join(root, UNIVERSAL_DIR)
+
+
+def has_partitioned_optimizer(tag_dir: str) -> bool:
+    """ZeRO 1-3 (and bf16 at ZeRO-0 in older DeepSpeed) write per-rank optimizer shards; a tag
+    without them holds its whole optimizer state in the model-states file, loadable on any world."""
+    return bool(glob.glob(os.path.join(tag_dir, "*optim_states.pt")))
+
+
+def is_converted(root: str, tag: str) -> bool:
+    return os.path.isfile(os.path.join(universal_root(root), tag, DONE))
+
+
+def convert(root: str, tag: str, workers: int | None = None) -> str:
+    """Rank 0: the universal copy of `tag` (converted now unless done before); its directory."""
+    final = os.path.join(universal_root(root), tag)
+    if is_converted(root, tag):
+        return final
+    partial = final + PARTIAL
+    for stale in (partial, final):  # a killed conversion, or a copy without its marker
+        shutil.rmtree(stale, ignore_errors=True)
+    os.makedirs(partial)
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", os.path.join(root, tag),
+           "--output_folder", partial, "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
+    log_path = os.path.join(universal_root(root), tag + ".log")
+    with open(log_path, "w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ConversionError(
+            f"converting {os.path.join(root, tag)} for the new rank layout failed ({_last_error(log_path)}); the "
+            f"tag is untouched and the partial copy was removed; full output in {log_path}; fix the cause and "
+            "relaunch, or relaunch on the tag's own world size and ZeRO stage")
+    with open(os.path.join(partial, DONE), "w") as fh:
+        json.dump({"source": tag}, fh)
+    fsync_tree(partial)
+    os.rename(partial, final)
+    os.replace(log_path, os.path.join(final, LOG))
+    return final
+
+
+def _last_error(log_path: str) -> str:
+    """The line of the converter's output that says what went wrong."""
+    try:
+        with open(log_path, errors="replace") as fh:
+            lines = [line.strip() for line in fh if line.strip()]
+    except OSError:
+        return "no output"
+    errors = [line for line in lines if "Error" in line or "error" in line or "No space" in line]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def convert_on_rank0(root: str, tag: str) -> str:
+    """Collective: rank 0 converts, the others wait and all raise the same one-line error if it failed."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    outcome: list = [None]
+    if rank == 0:
+        try:
+            convert(root, tag)
+        except (ConversionError, OSError) as err:
+            outcome[0] = str(err) if isinstance(err, ConversionError) else \
+                f"converting {os.path.join(root, tag)} failed: {err}; the tag is untouched"
+    if dist.is_initialized():
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0]:
+        raise ConversionError(outcome[0])
+    return os.path.join(universal_root(root), tag)
+
+
+def remove_orphans(root: str, keep: set[str]) -> None:
+    """Rank 0: removes converted copies (and partial ones, and logs) of tags not in `keep`."""
+    base = universal_root(root)
+    if not os.path.isdir(base):
+        return
+    for name in os.listdir(base):
+        tag = name.removesuffix(PARTIAL).removesuffix(".log")
+        if tag not in keep:
+            path = os.path.join(base, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
