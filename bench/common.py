@@ -2,7 +2,8 @@
 
 Timings on a shared machine drift by tens of percent within a minute, so every benchmark times
 its cases *interleaved* (A, B, A, B, ...) and reports medians: a ratio of two medians taken in
-the same rounds is meaningful even when the absolute figures are not.
+the same rounds is meaningful even when the absolute figures are not. The clock itself (device
+synchronisation included) is `dwnet.engine.throughput`'s, shared with `train.py --throughput`.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from typing import Callable
 
 # Benchmarks run as `python bench/x.py` from the repository root: make `dwnet` importable.
@@ -28,32 +28,25 @@ if not torch.cuda.is_available():  # a CUDA build of torch on a CPU machine: kee
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def synchronize(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def interleaved_times(cases: dict[str, Callable[[], object]], *, repeats: int = 5, iters: int = 2,
                       warmup: int = 2, device: torch.device | str = "cpu") -> dict[str, list[float]]:
     """Seconds per call of each case, one sample per round; the cases alternate within a round.
 
     Each case gets `warmup` untimed calls first (allocator, oneDNN primitive caches, compilation).
     """
+    # Imported here: dwnet.engine loads DeepSpeed, which fixes its accelerator at import, and the
+    # benchmarks set DS_ACCELERATOR for their ranks after importing this module.
+    from dwnet.engine.throughput import seconds_per_call
+
     for fn in cases.values():
         for _ in range(warmup):
             fn()
-    synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(repeats):
         # Alternate the order each round so neither case always follows the other.
         order = list(cases) if round_ % 2 == 0 else list(reversed(cases))
         for name in order:
-            fn = cases[name]
-            start = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            synchronize(device)
-            samples[name].append((time.perf_counter() - start) / iters)
+            samples[name].append(seconds_per_call(cases[name], device, iters))
     return samples
 
 

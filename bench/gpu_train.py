@@ -27,10 +27,12 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from common import machine_info, synchronize, table
+from common import machine_info, table
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+
+from dwnet.engine.throughput import seconds_per_call, synchronize, timed  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), FLOP/s.
 DATASHEET_BF16_PEAK = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12}
@@ -121,14 +123,7 @@ def device_peak(device: torch.device) -> dict[str, Any]:
         n, dtype, reps = 1024, torch.float32, 3
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    synchronize(device)
-    measured = 2 * n ** 3 * reps / (time.perf_counter() - start)
+    measured = 2 * n ** 3 / seconds_per_call(lambda: a @ b, device, reps, warmup=3)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     datasheet = next((v for k, v in DATASHEET_BF16_PEAK.items() if k in name), None)
     return {"device": name, "matmul": f"{n}^3 {str(dtype).removeprefix('torch.')}", "measured_flops": measured,
@@ -158,15 +153,14 @@ def time_loader(trainer, warmup: int, steps: int, device: torch.device) -> dict[
     step, batches = _step(trainer), _endless_batches(trainer.train_loader)
     for _ in range(warmup):
         step(*next(batches))
-    synchronize(device)
-    waited, start = 0.0, time.perf_counter()
-    for _ in range(steps):
-        t = time.perf_counter()
-        images, targets = next(batches)
-        waited += time.perf_counter() - t
-        loss = step(images, targets)
-    synchronize(device)
-    seconds = time.perf_counter() - start
+    waited = 0.0
+    with timed(device) as elapsed:
+        for _ in range(steps):
+            t = time.perf_counter()
+            images, targets = next(batches)
+            waited += time.perf_counter() - t
+            loss = step(images, targets)
+    seconds = elapsed.seconds
     batches.close()
     return {"images_per_s": steps * trainer.cfg.data.batch_size / seconds, "step_ms": 1e3 * seconds / steps,
             "data_time_fraction": waited / seconds, "final_loss": loss.item()}
@@ -199,14 +193,12 @@ def time_engine(trainer, batches, warmup: int, steps: int, device: torch.device)
     step = _step(trainer)
     for i in range(warmup):
         step(*batches[i % len(batches)])
-    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        loss = step(*batches[i % len(batches)])
-    synchronize(device)
-    seconds = time.perf_counter() - start
+    with timed(device) as elapsed:
+        for i in range(steps):
+            loss = step(*batches[i % len(batches)])
+    seconds = elapsed.seconds
     result = {"images_per_s": steps * trainer.cfg.data.batch_size / seconds, "step_ms": 1e3 * seconds / steps,
               "final_loss": loss.item()}
     if device.type == "cuda":
@@ -221,13 +213,11 @@ def profile_step(trainer, batches, steps: int, device: torch.device, rows: int =
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     step = _step(trainer)
-    synchronize(device)
-    start = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with timed(device) as elapsed, profile(activities=activities) as prof:
         for i in range(steps):
             step(*batches[i % len(batches)])
-        synchronize(device)
-    wall_ms = 1e3 * (time.perf_counter() - start) / steps
+        synchronize(device)  # inside the profiled window: the kernels it records have finished
+    wall_ms = 1e3 * elapsed.seconds / steps
     averages = [e for e in prof.key_averages() if not e.key.startswith(("Optimizer.", "ProfilerStep"))]
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     kernels = [e for e in averages if getattr(e, attr, 0) > 0]
@@ -269,12 +259,10 @@ def plain_torch_step(name: str, args, device: torch.device, num_classes: int, ba
 
     for i in range(max(2, args.warmup // 2)):
         step(*batches[i % len(batches)])
-    synchronize(device)
-    start = time.perf_counter()
-    for i in range(args.steps):
-        step(*batches[i % len(batches)])
-    synchronize(device)
-    seconds = time.perf_counter() - start
+    with timed(device) as elapsed:
+        for i in range(args.steps):
+            step(*batches[i % len(batches)])
+    seconds = elapsed.seconds
     return {"images_per_s": args.steps * args.batch / seconds, "step_ms": 1e3 * seconds / args.steps}
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
 from common import build_engine, interleaved_times, median, print_machine, round_ratios, set_rank_env, spread
 
@@ -49,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from dwnet.distributed import free_port, init_distributed
     from dwnet.engine.step_guard import StepGuard
+    from dwnet.engine.throughput import seconds_per_call
 
     set_rank_env(0, 1, free_port(), DS_ACCELERATOR=args.device)
     init_distributed()
@@ -86,16 +86,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # The guard's own work, on a loss that needs no graph: what it adds to every step.
     probe = torch.tensor(2.3, device=device, requires_grad=True)
-    guard_alone = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        for _ in range(args.guard_iters):
-            guard.begin(engine.module)
-            guard.loss_for_backward(probe * 1.0, last_micro_batch=True)
-            guard.end(True, step=0)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        guard_alone.append((time.perf_counter() - start) / args.guard_iters)
+
+    def guard_only() -> None:
+        guard.begin(engine.module)
+        guard.loss_for_backward(probe * 1.0, last_micro_batch=True)
+        guard.end(True, step=0)
+
+    guard_alone = [seconds_per_call(guard_only, device, args.guard_iters) for _ in range(args.repeats)]
     step_s = median(times["unguarded"])
     fraction = statistics.median(guard_alone) / step_s
 

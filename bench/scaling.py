@@ -29,7 +29,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 from common import build_engine, print_machine, set_rank_env, table
 
@@ -67,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def worker(rank: int, world_size: int, threads: int, port: int, args: argparse.Namespace, out: str) -> None:
     set_rank_env(rank, world_size, port, DS_ACCELERATOR=args.device, DWNET_NUM_THREADS=str(threads))
     from dwnet.distributed import init_distributed
+    from dwnet.engine.throughput import timed  # after DS_ACCELERATOR is set: it loads DeepSpeed
 
     init_distributed()
     engine, num_classes = build_engine(args.model, precision=args.precision, zero_stage=args.zero_stage,
@@ -78,21 +78,17 @@ def worker(rank: int, world_size: int, threads: int, port: int, args: argparse.N
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (args.batch,), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     phases: dict[str, list[float]] = {"step_s": [], "forward_s": [], "backward_s": [], "optimizer_s": []}
     for step in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
-        sync()
-        t1 = time.perf_counter()
-        engine.backward(loss)  # ZeRO 1/2 reduce gradients in backward hooks: communication is in here
-        sync()
-        t2 = time.perf_counter()
-        engine.step()
-        sync()
-        t3 = time.perf_counter()
+        with timed(device) as forward:
+            loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
+        with timed(device) as backward:
+            engine.backward(loss)  # ZeRO 1/2 reduce gradients in backward hooks: communication is in here
+        with timed(device) as optimizer:
+            engine.step()
         if step >= args.warmup:
-            for key, value in zip(phases, (t3 - t0, t1 - t0, t2 - t1, t3 - t2)):
+            seconds = (forward.seconds, backward.seconds, optimizer.seconds)
+            for key, value in zip(phases, (sum(seconds), *seconds)):
                 phases[key].append(value)
     if rank == 0:
         info = {key: statistics.median(values) for key, values in phases.items()}

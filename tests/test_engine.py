@@ -264,11 +264,16 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, process_group):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
 
 
-def test_export_loads_in_timm_with_same_outputs(tmp_path, process_group):
+def test_export_loads_in_timm_with_same_outputs(tmp_path, process_group, monkeypatch):
+    import dwnet.engine.export as export
+
     trainer = make_trainer(tmp_path, "optim.epochs=1")
     trainer.fit()
     root = checkpointing.checkpoint_root(str(tmp_path))
+    reads = []
+    monkeypatch.setattr(export, "read_client_state", lambda *a: reads.append(a) or read_client_state(*a))
     out = export_official(root, checkpointing.newest_complete_tag(root), str(tmp_path / "dwnet_femto_fp32.pth"))
+    assert len(reads) == 1  # the model-states file holds the whole module: read it once
     payload = torch.load(out, weights_only=True)
     assert set(payload) >= {"model", "epoch", "max_accuracy"} and payload["epoch"] == 1
     model = timm.create_model("dwnet_femto", pretrained=True,

@@ -33,7 +33,11 @@ def read_client_state(root: str, tag: str) -> dict[str, Any]:
 def consolidated_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
     """fp32 state_dict of the whole model: fp32 master weights where DeepSpeed keeps them
     (ZeRO 1-3, bf16/fp16 optimizers) merged over the saved module (which holds the buffers)."""
-    states = read_client_state(root, tag)
+    return _consolidate(root, tag, read_client_state(root, tag))
+
+
+def _consolidate(root: str, tag: str, states: dict[str, Any]) -> dict[str, torch.Tensor]:
+    # From model states already loaded, so that export_official reads the (whole-module) file once.
     module = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
     has_master_weights = glob.glob(os.path.join(root, tag, "*optim_states.pt"))
     zero_stage = states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
@@ -51,7 +55,7 @@ def export_official(root: str, tag: str, out_path: str, extra: dict[str, Any] | 
     Raises NonFiniteModelError (nothing written) if any tensor of the model is NaN or Inf."""
     states = read_client_state(root, tag)
     progress = states.get("progress", {})
-    model = consolidated_state_dict(root, tag)
+    model = _consolidate(root, tag, states)
     others = [t for t in checkpointing.complete_tags(root) if t != tag]
     fix = "export another tag with --checkpoint-tag" + (f" (complete: {', '.join(others)})" if others else "")
     check_state_dict(model, os.path.join(root, tag), fix=fix)
