@@ -13,13 +13,15 @@ sample index, and the metadata and allocation tables are sorted by it when the f
 from __future__ import annotations
 
 import numpy as np
-from ffcv.fields import IntField, RGBImageField
 from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, TYPE_ID_HANDLER, \
     get_metadata_type
 
+from dwnet.data.beton_format import IMAGE, LABEL, field_classes, written_column
+
 from .encode import Encoded
 
-FIELDS = {"image": RGBImageField, "label": IntField}  # what the loaders and `verify` expect
+FIELDS = field_classes()  # name -> ffcv field class, in file order: what the loaders and `verify` expect
+_IMAGE_COLUMN, _LABEL_COLUMN = written_column(IMAGE), written_column(LABEL)
 
 
 class BetonWriter:
@@ -29,7 +31,7 @@ class BetonWriter:
     def __init__(self, path: str, capacity: int, page_size: int) -> None:
         self.path = path
         self.page_size = page_size
-        self.metadata_type = get_metadata_type([FIELDS["image"](), FIELDS["label"]()])
+        self.metadata_type = get_metadata_type([field() for field in FIELDS.values()])
         self.metadata = np.zeros(capacity, dtype=self.metadata_type)
         self.order = np.zeros(capacity, dtype=np.int64)   # sample index of each added record
         self.allocations = np.zeros(capacity, dtype=ALLOC_TABLE_TYPE)
@@ -60,10 +62,10 @@ class BetonWriter:
         ptr = self.data_start + self.page_index * self.page_size + self.page_used
         self.page[self.page_used:self.page_used + size] = np.frombuffer(record.data, dtype=np.uint8)
         self.page_used += size
-        image, i = self.metadata["f0"], self.count
+        image, i = self.metadata[_IMAGE_COLUMN], self.count
         image["mode"][i], image["width"][i], image["height"][i] = record.mode, record.stored_width, record.stored_height
         image["data_ptr"][i] = ptr
-        self.metadata["f1"][i] = label
+        self.metadata[_LABEL_COLUMN][i] = label
         self.allocations[self.count] = (0, ptr, size)
         self.order[self.count] = sample_index
         self.count += 1

@@ -15,6 +15,7 @@ import numpy as np
 from ffcv.types import CURRENT_VERSION
 
 from dwnet.data.beton_check import BetonError, check_structure
+from dwnet.data.beton_format import IMAGE, LABEL, metadata_column, read_labels
 from dwnet.errors import DataError
 
 
@@ -46,8 +47,8 @@ def verify_beton(path: str, decode: int = 256) -> VerifyReport:
     names = layout.fields
     table = reader.alloc_table
 
-    image_meta = reader.metadata[f"f{reader.field_names.index('image')}"]
-    labels = reader.metadata[f"f{reader.field_names.index('label')}"].astype(np.int64)
+    image_meta = metadata_column(reader, IMAGE)
+    labels = read_labels(reader)
     record_size = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
     missing = [i for i, ptr in enumerate(image_meta["data_ptr"].tolist()) if ptr not in record_size]
     if missing:
@@ -100,8 +101,8 @@ def _decode_with_loader(path: str, chosen: np.ndarray) -> None:
     batch = int(min(64, len(chosen)))
     loader = Loader(path, batch_size=batch, num_workers=1, order=OrderOption.SEQUENTIAL,
                     indices=chosen, drop_last=False, os_cache=True, batches_ahead=1,
-                    pipelines={"image": [CenterCropRGBImageDecoder((32, 32), ratio=1.0), ToTensor()],
-                               "label": [IntDecoder(), ToTensor()]})
+                    pipelines={IMAGE: [CenterCropRGBImageDecoder((32, 32), ratio=1.0), ToTensor()],
+                               LABEL: [IntDecoder(), ToTensor()]})
     seen = 0
     for images, _ in loader:
         seen += images.shape[0]

@@ -36,7 +36,7 @@ def folder_config(root, **overrides) -> DataConfig:
 
 
 def beton_labels(path) -> np.ndarray:
-    from dwnet.data.ffcv_backend import beton_labels as read
+    from dwnet.data.beton_format import beton_labels as read
 
     return read(str(path))
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from dwnet.errors import DataError
 
-EXPECTED_FIELDS = {"image": "RGBImageField", "label": "IntField"}  # what `data_prep convert` writes
+from .beton_format import FIELD_TYPES
 
 
 class BetonError(DataError):
@@ -79,9 +79,10 @@ def check_structure(path: str, fix: str = "re-copy it or re-run the conversion")
     except OSError as err:
         raise BetonError(f"{path}: cannot read it ({err.strerror or err}); check the file's permissions and "
                          "storage") from None
-    if {name: fields.get(name) for name in EXPECTED_FIELDS} != EXPECTED_FIELDS:
-        raise BetonError(f"{path}: fields are {fields}; expected image (RGBImageField) and label (IntField) "
-                         "as written by `python -m data_prep convert`")
+    if {name: fields.get(name) for name in FIELD_TYPES} != FIELD_TYPES:
+        expected = " and ".join(f"{name} ({type_name})" for name, type_name in FIELD_TYPES.items())
+        raise BetonError(f"{path}: fields are {fields}; expected {expected} as written by "
+                         "`python -m data_prep convert`")
     if num_samples == 0:
         raise BetonError(f"{path}: holds 0 samples; convert a non-empty tree with `python -m data_prep convert`")
     return BetonLayout(path, size, num_samples, alloc_ptr, fields)

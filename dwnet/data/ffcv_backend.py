@@ -5,11 +5,13 @@ Both run ffcv non-distributed over index lists computed in `sharding.py` (ffcv's
 shuffles and pads its own way, and cannot start an epoch part-way through); the train reader swaps in
 a traversal order that replays the indices given for each epoch, so a resumed epoch never decodes
 the batches it skips.
+
+The readers take a path that already passed the structural check (`beton_check.check_structure`,
+run by the loaders' `beton_size`), so they do not look at the file again.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 from typing import Iterator
 
@@ -21,9 +23,9 @@ from ffcv.loader import Loader, OrderOption
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-from dwnet.errors import DataError
-
+from .beton_format import IMAGE, LABEL
 from .ffcv_ops import CenterCropDecoder, SeededRandomResizedCropDecoder
+from .readers import Batches
 
 
 def _run_epoch(loader: Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -75,35 +77,18 @@ def _label_pipeline(device: torch.device) -> list:
     return ops
 
 
-def _check_file(path: str, split: str) -> None:
-    if not path:
-        raise DataError(f"data.{split}_path is empty; set it to the {split}.beton written by "
-                        "`python -m data_prep convert`")
-    if not os.path.isfile(path):
-        raise DataError(f"data.{split}_path={path}: no such file; convert the dataset with "
-                        "`python -m data_prep convert` or fix the path")
-
-
-def beton_labels(path: str) -> np.ndarray:
-    from ffcv.reader import Reader
-
-    reader = Reader(path)
-    return reader.metadata[f"f{reader.field_names.index('label')}"].astype(np.int64)
-
-
 class FfcvTrainReader:
     def __init__(self, path: str, *, image_size: int, scale: tuple[float, float], ratio: tuple[float, float],
                  hflip: float, batch_size: int, num_workers: int, os_cache: bool, batches_ahead: int,
-                 device: torch.device, first_indices: np.ndarray) -> None:
-        _check_file(path, "train")
+                 device: torch.device) -> None:
         self.decoder = SeededRandomResizedCropDecoder((image_size, image_size), scale, ratio, hflip)
         self.loader = Loader(path, batch_size=batch_size, num_workers=_workers(num_workers), os_cache=os_cache,
-                             order=OrderOption.SEQUENTIAL, indices=first_indices, drop_last=True,
+                             order=OrderOption.SEQUENTIAL, drop_last=True,
                              batches_ahead=batches_ahead, distributed=False,
-                             pipelines={"image": [self.decoder, *_tail(device)], "label": _label_pipeline(device)})
+                             pipelines={IMAGE: [self.decoder, *_tail(device)], LABEL: _label_pipeline(device)})
         self.loader.traversal_order = _ReplayOrder(self.loader)
 
-    def batches(self, indices: np.ndarray, epoch_key: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, indices: np.ndarray, epoch_key: int) -> Batches:
         """uint8 NCHW images and int64 labels for `indices` (a multiple of the batch size), cropped
         and flipped with the per-sample streams of `epoch_key`."""
         if indices.size == 0:
@@ -116,15 +101,14 @@ class FfcvTrainReader:
 class FfcvValReader:
     def __init__(self, path: str, *, image_size: int, crop_pct: float, batch_size: int, num_workers: int,
                  os_cache: bool, batches_ahead: int, device: torch.device, indices: np.ndarray) -> None:
-        _check_file(path, "val")
         decoder = CenterCropDecoder((image_size, image_size), ratio=crop_pct)
         self.loader = Loader(path, batch_size=batch_size, num_workers=_workers(num_workers), os_cache=os_cache,
                              order=OrderOption.SEQUENTIAL, indices=indices, drop_last=False,
                              batches_ahead=batches_ahead, distributed=False,
-                             pipelines={"image": [decoder, *_tail(device)], "label": _label_pipeline(device)})
+                             pipelines={IMAGE: [decoder, *_tail(device)], LABEL: _label_pipeline(device)})
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self) -> Batches:
         yield from _run_epoch(self.loader)

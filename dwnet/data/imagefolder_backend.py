@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from torchvision.transforms import InterpolationMode
 from dwnet.errors import DataError
 
 from .image_io import ImageReadError, load_rgb
+from .readers import Batches
 from .rng import crop_and_flip, sample_key
 
 
@@ -131,7 +132,7 @@ class ImageFolderTrainReader:
     def __len__(self) -> int:
         return len(self.folder)
 
-    def batches(self, indices: np.ndarray, epoch_key: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, indices: np.ndarray, epoch_key: int) -> Batches:
         items = [(int(i), epoch_key) for i in indices]
         batches = [items[start:start + self.batch_size] for start in range(0, len(items), self.batch_size)]
         if not batches:
@@ -141,9 +142,12 @@ class ImageFolderTrainReader:
 
 
 class ImageFolderValReader:
-    def __init__(self, path: str, *, image_size: int, crop_pct: float, batch_size: int, num_workers: int,
+    """Reads `folder` (from `open_image_folder`: the caller needs its size for the sharding first,
+    and a second scan of the tree would be wasted)."""
+
+    def __init__(self, folder: ImageFolder, *, image_size: int, crop_pct: float, batch_size: int, num_workers: int,
                  device: torch.device, indices: np.ndarray) -> None:
-        self.folder = open_image_folder(path, "val")
+        self.folder = folder
         self.dataset = _ValSamples(self.folder, image_size, crop_pct)
         items = [int(i) for i in indices]
         self.batch_list = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
@@ -153,6 +157,6 @@ class ImageFolderValReader:
     def __len__(self) -> int:
         return len(self.batch_list)
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self) -> Batches:
         for batch in _loader(self.dataset, self.batch_list, self.num_workers, self.device):
             yield _to_device(batch, self.device)

@@ -1,7 +1,7 @@
 """The train and val loaders the engine uses, over either backend (ffcv .beton or ImageFolder)."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -11,6 +11,8 @@ from dwnet.errors import DataError
 
 from .augment import BatchAugment, normalize
 from .beton_check import check_structure
+from .beton_format import IGNORE_LABEL
+from .readers import TrainReader, ValReader
 from .rng import derive_key
 from .sharding import StepLayout, steps_per_epoch, train_epoch_indices, val_rank_indices
 
@@ -28,8 +30,8 @@ class TrainLoader:
     of (seed, epoch) and the sample or micro-batch's place in the epoch, never of the rank layout:
     the same micro-batch gets the same crops, flips and mixup on 1 rank or on 16."""
 
-    def __init__(self, reader, augment: BatchAugment, *, dataset_size: int, batch_size: int, seed: int,
-                 rank: int, world_size: int, channels_last: bool) -> None:
+    def __init__(self, reader: TrainReader, augment: BatchAugment, *, dataset_size: int, batch_size: int,
+                 seed: int, rank: int, world_size: int, channels_last: bool) -> None:
         self.reader = reader
         self.augment = augment
         self.dataset_size = dataset_size
@@ -68,7 +70,7 @@ class ValLoader:
     once with its label; ranks with fewer samples get padding samples labelled -1 (to be ignored),
     so all ranks yield the same number of batches. `num_samples` is the total over all ranks."""
 
-    def __init__(self, reader, *, num_samples: int, indices: np.ndarray, real_count: int,
+    def __init__(self, reader: ValReader, *, num_samples: int, indices: np.ndarray, real_count: int,
                  channels_last: bool) -> None:
         self.reader = reader
         self.num_samples = num_samples
@@ -86,7 +88,7 @@ class ValLoader:
             count = labels.shape[0]
             if position + count > self.real_count:
                 padding = torch.arange(position, position + count, device=labels.device) >= self.real_count
-                labels[padding] = -1
+                labels[padding] = IGNORE_LABEL
             position += count
             yield normalize(images, self.channels_last), labels
 
@@ -112,52 +114,56 @@ def build_train_loader(data: DataConfig, augment: AugmentConfig, *, num_classes:
     device = torch.device(device)
     batch_augment = BatchAugment(augment, image_size=data.image_size, num_classes=num_classes,
                                  batch_size=data.batch_size, device=device)
-    if data.backend == "ffcv":
-        from .ffcv_backend import FfcvTrainReader
-
-        size = beton_size(data.train_path, "train")
-    else:
-        from .imagefolder_backend import ImageFolderTrainReader
-
-        reader = ImageFolderTrainReader(data.train_path, image_size=data.image_size, scale=augment.scale,
-                                        ratio=augment.ratio, hflip=augment.hflip, batch_size=data.batch_size,
-                                        num_workers=data.num_workers, device=device)
-        size = len(reader)
+    size, reader = _train_source(data, augment, device)
     if steps_per_epoch(size, data.batch_size * world_size) == 0:
         raise ConfigError(f"data.batch_size={data.batch_size} is larger than a rank's share of data.train_path="
                           f"{data.train_path} ({size} samples over {world_size} rank(s): {size // world_size} each); "
                           f"lower data.batch_size to at most {max(1, size // world_size)}")
-    loader_args = dict(dataset_size=size, batch_size=data.batch_size, seed=seed, rank=rank, world_size=world_size,
-                       channels_last=channels_last)
-    if data.backend == "ffcv":
-        first = np.arange(size, dtype=np.int64)  # any order: each epoch sets its own
-        reader = FfcvTrainReader(data.train_path, image_size=data.image_size, scale=augment.scale,
-                                 ratio=augment.ratio, hflip=augment.hflip, batch_size=data.batch_size,
-                                 num_workers=data.num_workers, os_cache=data.os_cache,
-                                 batches_ahead=data.batches_ahead, device=device, first_indices=first)
-    return TrainLoader(reader, batch_augment, **loader_args)
+    return TrainLoader(reader, batch_augment, dataset_size=size, batch_size=data.batch_size, seed=seed,
+                       rank=rank, world_size=world_size, channels_last=channels_last)
 
 
 def build_val_loader(data: DataConfig, *, rank: int, world_size: int, device: torch.device,
                      channels_last: bool = False) -> ValLoader:
     _check_world(rank, world_size)
-    device = torch.device(device)
-    if data.backend == "ffcv":
-        from .ffcv_backend import FfcvValReader
-
-        size = beton_size(data.val_path, "val")
-        indices, real = val_rank_indices(size, rank=rank, world_size=world_size)
-        reader = FfcvValReader(data.val_path, image_size=data.image_size, crop_pct=data.crop_pct,
-                               batch_size=data.batch_size, num_workers=data.num_workers, os_cache=data.os_cache,
-                               batches_ahead=data.batches_ahead, device=device, indices=indices)
-    else:
-        from .imagefolder_backend import ImageFolderValReader, open_image_folder
-
-        size = len(open_image_folder(data.val_path, "val"))
-        indices, real = val_rank_indices(size, rank=rank, world_size=world_size)
-        reader = ImageFolderValReader(data.val_path, image_size=data.image_size, crop_pct=data.crop_pct,
-                                      batch_size=data.batch_size, num_workers=data.num_workers, device=device,
-                                      indices=indices)
+    size, open_reader = _val_source(data, torch.device(device))
+    indices, real = val_rank_indices(size, rank=rank, world_size=world_size)
+    reader = open_reader(indices)
     if size == 0:
         raise DataError(f"data.val_path={data.val_path} holds no samples; point it at a converted val split")
     return ValLoader(reader, num_samples=size, indices=indices, real_count=real, channels_last=channels_last)
+
+
+# The one place that picks a backend. Each source checks its split once and returns the sample count
+# (the sharding needs it first) and a function that opens the reader for the indices it starts with.
+
+def _train_source(data: DataConfig, augment: AugmentConfig, device: torch.device) -> tuple[int, TrainReader]:
+    reader_args = dict(image_size=data.image_size, scale=augment.scale, ratio=augment.ratio, hflip=augment.hflip,
+                       batch_size=data.batch_size, num_workers=data.num_workers, device=device)
+    if data.backend == "ffcv":
+        from .ffcv_backend import FfcvTrainReader
+
+        size = beton_size(data.train_path, "train")
+        return size, FfcvTrainReader(data.train_path, **reader_args, os_cache=data.os_cache,
+                                     batches_ahead=data.batches_ahead)
+    from .imagefolder_backend import ImageFolderTrainReader
+
+    reader = ImageFolderTrainReader(data.train_path, **reader_args)  # opening the tree is what counts its samples
+    return len(reader), reader
+
+
+def _val_source(data: DataConfig, device: torch.device) -> tuple[int, Callable[[np.ndarray], ValReader]]:
+    reader_args = dict(image_size=data.image_size, crop_pct=data.crop_pct, batch_size=data.batch_size,
+                       num_workers=data.num_workers, device=device)
+    if data.backend == "ffcv":
+        from .ffcv_backend import FfcvValReader
+
+        def open_ffcv(indices: np.ndarray) -> ValReader:
+            return FfcvValReader(data.val_path, **reader_args, os_cache=data.os_cache,
+                                 batches_ahead=data.batches_ahead, indices=indices)
+
+        return beton_size(data.val_path, "val"), open_ffcv
+    from .imagefolder_backend import ImageFolderValReader, open_image_folder
+
+    folder = open_image_folder(data.val_path, "val")
+    return len(folder), lambda indices: ImageFolderValReader(folder, **reader_args, indices=indices)

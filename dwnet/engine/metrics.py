@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-IGNORE_LABEL = -1  # padding the val loader adds so all ranks run the same number of batches
+from dwnet.data.beton_format import IGNORE_LABEL  # the val loader's padding samples
 
 
 @torch.no_grad()
