@@ -15,7 +15,7 @@ from dwnet.config import AugmentConfig, ConfigError, DataConfig
 from dwnet.data import TrainLoader, build_train_loader, build_val_loader
 from dwnet.data.augment import BatchAugment
 from dwnet.data.rng import rng_scope
-from dwnet.data.sharding import train_epoch_indices, val_rank_indices
+from dwnet.data.sharding import StepLayout, steps_per_epoch, train_epoch_indices, val_rank_indices
 from dwnet.errors import DataError
 
 CPU = torch.device("cpu")
@@ -75,7 +75,7 @@ def val_loader(digits_betons):
 
 # ---- train loader ----------------------------------------------------------------------------------
 def test_train_batches_follow_the_interface(train_loader):
-    assert len(train_loader) == DIGITS_TRAIN // BATCH and train_loader.num_samples == len(train_loader) * BATCH
+    assert len(train_loader) == DIGITS_TRAIN // BATCH and train_loader.steps_per_epoch(2) == DIGITS_TRAIN // (2 * BATCH)
     batches = list(train_loader.epoch(0))
     assert len(batches) == len(train_loader)
     for images, targets in batches:
@@ -90,12 +90,12 @@ def test_train_batches_follow_the_interface(train_loader):
 def test_same_seed_same_batches_and_exact_resume(train_loader):
     full = list(train_loader.epoch(0))
     assert same(full, list(train_loader.epoch(0)))
-    assert same(full[4:], list(train_loader.epoch(0, start_batch=4)))
-    assert list(train_loader.epoch(0, start_batch=len(train_loader))) == []
+    assert same(full[4:], list(train_loader.epoch(0, start_step=4)))
+    assert list(train_loader.epoch(0, start_step=len(train_loader))) == []
     other = list(train_loader.epoch(1))
     assert not torch.equal(full[0][0], other[0][0])
-    with pytest.raises(ValueError, match="start_batch"):
-        next(train_loader.epoch(0, start_batch=len(train_loader) + 1))
+    with pytest.raises(ValueError, match="start_step"):
+        next(train_loader.epoch(0, start_step=len(train_loader) + 1))
 
 
 def test_resume_of_a_stopped_epoch_sees_exactly_the_remaining_samples(train_loader, digits_betons):
@@ -104,7 +104,7 @@ def test_resume_of_a_stopped_epoch_sees_exactly_the_remaining_samples(train_load
     epoch = plain.epoch(2)
     seen = [next(epoch)[1] for _ in range(3)]  # consumer stops after 3 batches ("interruption")
     epoch.close()
-    rest = [targets for _, targets in plain.epoch(2, start_batch=3)]
+    rest = [targets for _, targets in plain.epoch(2, start_step=3)]
     order = plain.epoch_indices(2)
     assert torch.equal(torch.cat(seen + rest), torch.from_numpy(labels[order]))
     assert sorted(order.tolist()) == list(range(DIGITS_TRAIN))  # 160 = 10 full batches: nothing dropped
@@ -182,9 +182,9 @@ def test_imagefolder_backend_matches_ffcv(digits_root, val_loader, train_loader)
 
     folder = build_train_loader(folder_config(digits_root), AugmentConfig(**OFF), num_classes=10, rank=0,
                                 world_size=1, seed=0, device=CPU)
-    assert (len(folder), folder.num_samples) == (len(train_loader), train_loader.num_samples)
+    assert (len(folder), folder.dataset_size) == (len(train_loader), train_loader.dataset_size)
     folder_batches = list(folder.epoch(1))
-    assert same(folder_batches[2:], list(folder.epoch(1, start_batch=2)))
+    assert same(folder_batches[2:], list(folder.epoch(1, start_step=2)))
     ffcv_batches = list(with_augment(train_loader, AugmentConfig(**OFF)).epoch(1))
     assert torch.equal(torch.cat([y for _, y in folder_batches]), torch.cat([y for _, y in ffcv_batches]))
     a, b = torch.cat([x for x, _ in folder_batches]), torch.cat([x for x, _ in ffcv_batches])
@@ -192,16 +192,66 @@ def test_imagefolder_backend_matches_ffcv(digits_root, val_loader, train_loader)
 
 
 # ---- sharding ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("size, world, batch", [(160, 3, 16), (47, 2, 4), (1000, 8, 32)])
-def test_shards_are_disjoint_equal_and_cover_everything(size, world, batch):
-    shards = [train_epoch_indices(size, seed=1, epoch=3, rank=r, world_size=world, batch_size=batch)
-              for r in range(world)]
-    assert len({len(s) for s in shards}) == 1 and len(shards[0]) % batch == 0
+@pytest.mark.parametrize("size, world, accum, batch", [(160, 3, 1, 16), (47, 2, 2, 4), (1000, 8, 1, 32), (1000, 2, 4, 8)])
+def test_shards_are_disjoint_equal_and_cover_whole_steps(size, world, accum, batch):
+    layout = StepLayout(batch, world, accum)
+    shards = [train_epoch_indices(size, seed=1, epoch=3, layout=layout, rank=r) for r in range(world)]
+    assert {len(s) for s in shards} == {steps_per_epoch(size, layout.global_batch) * accum * batch}
     flat = np.concatenate(shards)
-    assert len(set(flat.tolist())) == len(flat)
+    assert len(set(flat.tolist())) == len(flat) and len(flat) == size - size % layout.global_batch
     val = [val_rank_indices(size, rank=r, world_size=world) for r in range(world)]
     assert len({len(indices) for indices, _ in val}) == 1
     assert sorted(np.concatenate([indices[:real] for indices, real in val]).tolist()) == list(range(size))
+
+
+def step_micro_batches(size: int, layout: StepLayout, step: int) -> dict[int, list[int]]:
+    """{micro-batch id: its samples} of one optimizer step, gathered from every rank's reading order."""
+    out = {}
+    for rank in range(layout.world_size):
+        mine = train_epoch_indices(size, seed=5, epoch=2, layout=layout, rank=rank, start_step=step)
+        for micro in range(layout.accumulation_steps):
+            samples = mine[micro * layout.batch_size:(micro + 1) * layout.batch_size].tolist()
+            out[layout.micro_batch_id(step, rank, micro)] = samples
+    return out
+
+
+def test_every_layout_of_one_global_batch_computes_a_step_from_the_same_micro_batches():
+    layouts = [StepLayout(8, 1, 4), StepLayout(8, 2, 2), StepLayout(8, 4, 1)]
+    for step in range(steps_per_epoch(1000, 32)):
+        first, *others = [step_micro_batches(1000, layout, step) for layout in layouts]
+        assert all(other == first for other in others)
+
+
+def test_resume_on_another_world_size_continues_the_epoch_without_repeat_or_gap():
+    size, two_ranks, one_rank = 1000, StepLayout(8, 2, 1), StepLayout(8, 1, 2)
+    steps = steps_per_epoch(size, two_ranks.global_batch)
+    before = [step_micro_batches(size, two_ranks, s) for s in range(7)]  # 7 steps on 2 ranks, then 1 rank
+    after = [step_micro_batches(size, one_rank, s) for s in range(7, steps)]
+    read = [i for step in before + after for micro in sorted(step) for i in step[micro]]
+    assert len(read) == len(set(read)) == steps * two_ranks.global_batch
+
+
+def test_a_micro_batch_gets_the_same_pixels_and_targets_on_any_rank_layout(digits_betons):
+    """Real ffcv decoding and the full augmentation (crops, flips, RandAugment, mixup/cutmix)."""
+    def loader(rank, world):
+        return build_train_loader(ffcv_config(digits_betons, batch_size=8), AugmentConfig(), num_classes=10,
+                                  rank=rank, world_size=world, seed=3, device=CPU)
+
+    def by_micro_batch(world, accum):
+        out = {}
+        for rank in range(world):
+            train = loader(rank, world)
+            for position, batch in enumerate(train.epoch(1, start_step=2, accumulation_steps=accum)):
+                step, micro = divmod(position, accum)
+                out[train.layout(accum).micro_batch_id(2 + step, rank, micro)] = batch
+            del train
+            gc.collect()
+        return out
+
+    one, two = by_micro_batch(1, 2), by_micro_batch(2, 1)
+    assert sorted(one) == sorted(two) and len(one) == 2 * (steps_per_epoch(DIGITS_TRAIN, 16) - 2)
+    for micro_id in one:
+        assert same([one[micro_id]], [two[micro_id]]), micro_id
 
 
 def _free_port() -> int:

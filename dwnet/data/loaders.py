@@ -49,11 +49,15 @@ class TrainLoader:
         """Micro-batches per epoch on this rank without accumulation."""
         return self.steps_per_epoch()
 
+    def epoch_indices(self, epoch: int, start_step: int = 0, accumulation_steps: int = 1) -> np.ndarray:
+        """Dataset indices this rank reads in `epoch` from `start_step` on, in order."""
+        return train_epoch_indices(self.dataset_size, seed=self.seed, epoch=epoch, layout=self.layout(accumulation_steps),
+                                   rank=self.rank, start_step=start_step)
+
     def epoch(self, epoch: int, start_step: int = 0, *,
               accumulation_steps: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         layout = self.layout(accumulation_steps)
-        indices = train_epoch_indices(self.dataset_size, seed=self.seed, epoch=epoch, layout=layout, rank=self.rank,
-                                      start_step=start_step)
+        indices = self.epoch_indices(epoch, start_step, accumulation_steps)
         epoch_key = derive_key(_EPOCH, self.seed, epoch)  # per-sample crops: independent of rank layout
         batches = self.reader.batches(indices, epoch_key)
         try:

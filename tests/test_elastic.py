@@ -1,0 +1,159 @@
+"""Elastic resume: a run saved on W ranks continues on W' ranks (or another ZeRO stage) with the
+global batch kept, the optimizer state resharded through DeepSpeed's universal checkpoint, and
+buffers, EMA, progress and schedule from dwnet's own state."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(__file__))
+import elastic_worker  # noqa: E402
+
+from dwnet.distributed import free_port  # noqa: E402
+from dwnet.engine import ResumeMismatchError, checkpointing, universal  # noqa: E402
+from dwnet.engine.resume import plan_resume  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test here trains on 1-4 ranks through torch.multiprocessing
+SETTINGS = ["z0_fp32", "z1_fp32", "z2_fp32", "z3_fp32", "z2_bf16", "z3_bf16"]
+
+
+def run_phase(world: int, phase: str, out: Path, settings: list[str], *extra: str) -> dict[str, dict]:
+    mp.spawn(elastic_worker.main, args=(world, free_port(), phase, str(out), settings, list(extra)), nprocs=world,
+             join=True)
+    return {s: torch.load(out / f"{s}.{phase}.pt", weights_only=False) for s in settings}
+
+
+def copy_runs(src: Path, dst: Path, settings: list[str], renames: dict[str, str] | None = None) -> None:
+    for setting in settings:
+        shutil.copytree(src / setting, dst / (renames or {}).get(setting, setting))
+
+
+def differences(saved: dict, resumed: dict) -> list[str]:
+    """Keys whose values are not exactly equal (the progress may only differ in nothing at all)."""
+    assert saved.keys() <= resumed.keys(), saved.keys() - resumed.keys()
+    bad = []
+    for key, value in saved.items():
+        other = resumed[key]
+        same = torch.equal(value, other) if torch.is_tensor(value) else value == other
+        if not same:
+            bad.append(key)
+    return bad
+
+
+@pytest.fixture(scope="module")
+def saved_on_two_ranks(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("two_ranks")
+    return out, run_phase(2, "save", out, SETTINGS, "optim.accumulation_steps=2")  # global batch 8 x 2 x 2
+
+
+def test_resume_on_one_two_and_four_ranks_restores_the_saved_state_exactly(saved_on_two_ranks, tmp_path):
+    source, saved = saved_on_two_ranks
+    one = tmp_path / "one"
+    copy_runs(source, one, SETTINGS)
+    on_one = run_phase(1, "resume", one, SETTINGS)
+    for setting in SETTINGS:
+        assert on_one[setting]["accumulation_steps"] == 4, setting
+        assert differences(saved[setting], on_one[setting]) == [], f"2 -> 1 ranks, {setting}"
+        assert on_one[setting]["resume_tag"] == "step_00000004"
+    # Tags written by the 1-rank run (step_00000004.w1) resumed on 2 ranks.
+    two = tmp_path / "two"
+    copy_runs(one, two, SETTINGS)
+    on_two = run_phase(2, "resume", two, SETTINGS)
+    for setting in SETTINGS:
+        assert on_two[setting]["resume_tag"] == "step_00000004.w1" and on_two[setting]["accumulation_steps"] == 2
+        assert differences(on_one[setting], on_two[setting]) == [], f"1 -> 2 ranks, {setting}"
+    four = tmp_path / "four"
+    copy_runs(source, four, SETTINGS)
+    on_four = run_phase(4, "resume", four, SETTINGS)
+    for setting in SETTINGS:
+        assert on_four[setting]["accumulation_steps"] == 1
+        assert differences(saved[setting], on_four[setting]) == [], f"2 -> 4 ranks, {setting}"
+    # The universal copies were made once per tag, next to (never inside) the original tags.
+    for setting in SETTINGS:
+        converted = universal.is_converted(str(source / setting / "checkpoints"), "step_00000004")
+        assert not converted  # the source runs were copied before any conversion
+        partitioned = setting != "z0_fp32"
+        assert universal.is_converted(str(one / setting / "checkpoints"), "step_00000004") == partitioned
+
+
+def test_zero_stage_change_on_resume_restores_the_state(saved_on_two_ranks, tmp_path):
+    source, saved = saved_on_two_ranks
+    copy_runs(source, tmp_path, ["z2_fp32"], renames={"z2_fp32": "z3_fp32"})
+    resumed = run_phase(1, "resume", tmp_path, ["z3_fp32"])["z3_fp32"]
+    assert differences(saved["z2_fp32"], resumed) == []
+    copy_runs(source, tmp_path / "down", ["z3_bf16"], renames={"z3_bf16": "z1_bf16"})
+    down = run_phase(2, "resume", tmp_path / "down", ["z1_bf16"])["z1_bf16"]
+    assert differences(saved["z3_bf16"], down) == []
+
+
+def test_one_rank_with_accumulation_trains_like_two_ranks(tmp_path):
+    """Same micro-batches in every step (drop-path masks included): only the summation order differs."""
+    extra = ("model.drop_path_rate=0.2", "augment.label_smoothing=0.1")
+    one = run_phase(1, "train", tmp_path / "one", ["z2_fp32"], "optim.accumulation_steps=4", *extra)["z2_fp32"]
+    two = run_phase(2, "train", tmp_path / "two", ["z2_fp32"], "optim.accumulation_steps=2", *extra)["z2_fp32"]
+    params = [k for k in one if "running" not in k and "num_batches" not in k]
+    assert params
+    for key in params:
+        torch.testing.assert_close(one[key], two[key], atol=1e-4, rtol=0, msg=key)
+    different_masks = run_phase(1, "train", tmp_path / "seed", ["z2_fp32"], "optim.accumulation_steps=4",
+                                "engine.seed=1", *extra)["z2_fp32"]
+    assert any(not torch.allclose(one[k], different_masks[k], atol=1e-4) for k in params)  # the check can fail
+
+
+def test_a_killed_conversion_is_redone_and_the_tag_is_untouched(saved_on_two_ranks, tmp_path):
+    source, _ = saved_on_two_ranks
+    root = tmp_path / "checkpoints"
+    shutil.copytree(source / "z2_fp32" / "checkpoints", root)
+    tag_dir = root / "step_00000004"
+    before = {p.name: p.read_bytes() for p in tag_dir.iterdir()}
+    partial = root / "universal" / ("step_00000004" + universal.PARTIAL)
+    partial.mkdir(parents=True)
+    (partial / "zero").mkdir()  # what a conversion killed half way leaves
+    (partial / "zero" / "half.pt").write_bytes(b"PK\x03")
+    path = universal.convert(str(root), "step_00000004", workers=1)
+    assert Path(path, universal.DONE).is_file() and Path(path, "zero").is_dir() and not partial.exists()
+    assert not Path(path, "zero", "half.pt").exists()
+    assert {p.name: p.read_bytes() for p in tag_dir.iterdir()} == before
+    assert universal.convert(str(root), "step_00000004") == path  # done once
+
+
+def test_a_failing_conversion_is_one_line_and_leaves_the_tag_alone(saved_on_two_ranks, tmp_path):
+    source, _ = saved_on_two_ranks
+    root = tmp_path / "checkpoints"
+    shutil.copytree(source / "z2_fp32" / "checkpoints", root)
+    (root / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()  # a file missing in the tag
+    before = sorted(p.name for p in (root / "step_00000004").iterdir())
+    with pytest.raises(universal.ConversionError) as err:
+        universal.convert(str(root), "step_00000004", workers=1)
+    line = str(err.value)
+    assert "\n" not in line and "step_00000004" in line and "the tag is untouched" in line
+    assert sorted(p.name for p in (root / "step_00000004").iterdir()) == before
+    assert not (root / "universal" / ("step_00000004" + universal.PARTIAL)).exists()
+
+
+def test_a_global_batch_that_cannot_be_kept_names_the_world_sizes_that_can(saved_on_two_ranks):
+    from engine_worker import tiny_run_config
+
+    source, _ = saved_on_two_ranks
+    root = str(source / "z2_fp32" / "checkpoints")
+    cfg = tiny_run_config(str(source / "z2_fp32"), *elastic_worker.overrides("z2_fp32"))
+    before = sorted(os.listdir(os.path.join(root, "step_00000004")))
+    with pytest.raises(ResumeMismatchError) as err:
+        plan_resume(cfg, root, "step_00000004", world_size=3)
+    line = str(err.value)
+    assert "\n" not in line and "global batch 32" in line and "relaunch on 1, 2, 4 ranks" in line
+    assert "--new-global-batch" in line
+    with pytest.raises(ResumeMismatchError, match="relaunch on 1, 2, 4 ranks"):  # more ranks than slots
+        plan_resume(cfg, root, "step_00000004", world_size=8)
+    plan = plan_resume(cfg, root, "step_00000004", world_size=4)
+    assert plan.accumulation_steps == 1 and plan.reshard
+    assert plan.announcements == ["world size 2 -> 4: accumulation 2 -> 1, global batch 32 kept"]
+    assert sorted(os.listdir(os.path.join(root, "step_00000004"))) == before
+    assert checkpointing.newest_complete_tag(root) == "step_00000004"
+
