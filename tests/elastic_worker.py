@@ -93,7 +93,7 @@ def main(rank: int, world_size: int, port: int, phase: str, out_dir: str, settin
             trainer.fit()
             result = state(trainer)
         else:
-            trainer = make_trainer(run_dir, setting, rank, world_size, "optim.epochs=2", *extra)
+            trainer = make_trainer(run_dir, setting, rank, world_size, "optim.epochs=1", *extra)  # same schedule
             result = {**state(trainer), "resume_tag": trainer.resume_tag,
                       "accumulation_steps": trainer.cfg.optim.accumulation_steps}
             trainer.save(suffix=f"w{world_size}")  # a tag of this world size, for the next resume

@@ -39,6 +39,8 @@ def differences(saved: dict, resumed: dict) -> list[str]:
     assert saved.keys() <= resumed.keys(), saved.keys() - resumed.keys()
     bad = []
     for key, value in saved.items():
+        if key in ("resume_tag", "accumulation_steps"):  # what the resume itself reports
+            continue
         other = resumed[key]
         same = torch.equal(value, other) if torch.is_tensor(value) else value == other
         if not same:
