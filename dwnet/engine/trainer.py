@@ -229,6 +229,8 @@ class Trainer:
                     buffer.copy_(buffers[name])
         if self.ema is not None and client.get("ema") is not None:
             self.ema.module.load_state_dict(client["ema"])
+        elif client.get("ema") is not None:
+            self.log.warning("%s holds an EMA of the weights, which this run does not continue (engine.ema=false)", tag)
         self._position_schedule()
 
     # ---- training -------------------------------------------------------------------------

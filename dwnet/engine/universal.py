@@ -20,8 +20,11 @@ import shutil
 import subprocess
 import sys
 
+import deepspeed
+import torch
 import torch.distributed as dist
-from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+from deepspeed.checkpoint.constants import (DS_VERSION, OPTIMIZER_STATE_DICT, PARAM, PARAM_GROUPS, PARAM_SHAPES,
+                                            UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
 from dwnet.atomic_io import fsync_tree
@@ -75,12 +78,58 @@ def convert(root: str, tag: str, workers: int | None = None) -> str:
             f"converting {os.path.join(root, tag)} for the new rank layout failed ({_last_error(log_path)}); the "
             f"tag is untouched and the partial copy was removed; full output in {log_path}; fix the cause and "
             "relaunch, or relaunch on the tag's own world size and ZeRO stage")
+    _name_model_states_for_every_stage(partial)
+    _optimizer_state_for_every_stage(partial)
     with open(os.path.join(partial, DONE), "w") as fh:
         json.dump({"source": tag}, fh)
     fsync_tree(partial)
     os.rename(partial, final)
     os.replace(log_path, os.path.join(final, LOG))
     return final
+
+
+def _name_model_states_for_every_stage(folder: str) -> None:
+    """A universal load reads its metadata (client state included) from `mp_rank_00_model_states.pt`
+    under ZeRO 0-2 and from `zero_pp_rank_0_mp_rank_00_model_states.pt` under ZeRO-3; the copy gets
+    both names, so that the stage may change across 3 (weights come from `zero/` either way)."""
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    present = [n for n in names if os.path.isfile(os.path.join(folder, n))]
+    for missing in (n for n in names if present and n not in present):
+        shutil.copyfile(os.path.join(folder, present[0]), os.path.join(folder, missing))
+
+
+def _optimizer_state_for_every_stage(folder: str) -> None:
+    """The converter writes `zero/optimizer_state.pt` in the layout of the source's stage, and the
+    Adam step either per parameter (`step.pt`, ZeRO 1-2) or in that file (ZeRO-3); each loader reads
+    only its own. The copy gets both, so that ZeRO 1-2 and 3 can follow each other."""
+    zero = os.path.join(folder, "zero")
+    path = os.path.join(zero, "optimizer_state.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    params = [os.path.join(zero, d) for d in sorted(os.listdir(zero)) if os.path.isfile(os.path.join(zero, d, "fp32.pt"))]
+    if OPTIMIZER_STATE_DICT in state:
+        # From ZeRO-3: tensors are flat and bare, the step is in this file. ZeRO 1-2 want each as
+        # {"param": tensor of the parameter's shape} and the step per parameter.
+        model_states = torch.load(os.path.join(folder, "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+                                  map_location="cpu", weights_only=False)
+        shapes = {name: shape for group in model_states[PARAM_SHAPES] for name, shape in group.items()}
+        step = next(iter(state[OPTIMIZER_STATE_DICT]["state"].values()))["step"]
+        for param in params:
+            name = os.path.basename(param)
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                file = os.path.join(param, f"{key}.pt")
+                tensor = torch.load(file, map_location="cpu", weights_only=False)
+                if torch.is_tensor(tensor) and name in shapes:
+                    torch.save({PARAM: tensor.view(shapes[name])}, file)
+            if name in shapes:
+                torch.save(torch.as_tensor(step, dtype=torch.float32), os.path.join(param, "step.pt"))
+        state.setdefault(DS_VERSION, deepspeed.__version__)
+    else:  # from ZeRO 1-2: give ZeRO-3 the step where it looks for it
+        step = next((torch.load(os.path.join(p, "step.pt"), weights_only=False) for p in params
+                     if os.path.isfile(os.path.join(p, "step.pt"))), None)
+        if step is None:
+            return
+        state[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, "param_groups": state[PARAM_GROUPS]}
+    torch.save(state, path)
 
 
 def _last_error(log_path: str) -> str:
