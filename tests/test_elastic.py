@@ -95,18 +95,49 @@ def test_zero_stage_change_on_resume_restores_the_state(saved_on_two_ranks, tmp_
     assert differences(saved["z3_bf16"], down) == []
 
 
+def beyond(first: dict, second: dict, keys: list[str], tolerance: float) -> tuple[int, int, float]:
+    """(elements differing by more than `tolerance`, elements compared, largest difference)."""
+    diffs = torch.cat([(first[k].float() - second[k].float()).abs().flatten() for k in keys])
+    return int((diffs > tolerance).sum()), diffs.numel(), diffs.max().item()
+
+
 def test_one_rank_with_accumulation_trains_like_two_ranks(tmp_path):
-    """Same micro-batches in every step (drop-path masks included): only the summation order differs."""
+    """Same micro-batches in every step (drop-path masks included): only the summation order differs.
+
+    Rounding noise is not the same everywhere: where a gradient is (nearly) zero, its rounding noise
+    is all there is, and Adam scales it up to a full-size step. So: the biases of convolutions that
+    feed a BatchNorm directly (`attn2conv.conv.bias`, which it cancels: the next test proves it) are
+    exempt, and of all other parameters' elements at most 1 in 10,000 may differ by more than 1e-4
+    (none by more than 1e-3). BatchNorm running statistics are not parameters."""
     extra = ("model.drop_path_rate=0.2", "augment.label_smoothing=0.1")
     one = run_phase(1, "train", tmp_path / "one", ["z2_fp32"], "optim.accumulation_steps=4", *extra)["z2_fp32"]
     two = run_phase(2, "train", tmp_path / "two", ["z2_fp32"], "optim.accumulation_steps=2", *extra)["z2_fp32"]
-    params = [k for k in one if "running" not in k and "num_batches" not in k]
-    assert params
-    for key in params:
-        torch.testing.assert_close(one[key], two[key], atol=1e-4, rtol=0, msg=key)
-    different_masks = run_phase(1, "train", tmp_path / "seed", ["z2_fp32"], "optim.accumulation_steps=4",
-                                "engine.seed=1", *extra)["z2_fp32"]
-    assert any(not torch.allclose(one[k], different_masks[k], atol=1e-4) for k in params)  # the check can fail
+    params = [k for k in one if "running" not in k and "num_batches" not in k and not k.endswith(CANCELLED_BIAS)]
+    assert len(params) > 50
+    off, total, largest = beyond(one, two, params, 1e-4)
+    assert off <= total // 10_000 and largest < 1e-3, (off, total, largest)
+    other_masks = run_phase(1, "train", tmp_path / "seed", ["z2_fp32"], "optim.accumulation_steps=4",
+                            "engine.seed=1", *extra)["z2_fp32"]
+    assert beyond(one, other_masks, params, 1e-4)[0] > total // 100  # what a real difference looks like
+
+
+CANCELLED_BIAS = "attn2conv.conv.bias"
+
+
+def test_the_exempted_biases_are_cancelled_by_batchnorm_in_training():
+    from dwnet.models import create_model
+
+    model = create_model("dwnet_femto", num_classes=10).train()
+    images = torch.randn(8, 3, 32, 32)
+    torch.manual_seed(0)
+    before = model(images)
+    biases = [p for name, p in model.named_parameters() if name.endswith(CANCELLED_BIAS)]
+    assert biases
+    with torch.no_grad():
+        for bias in biases:
+            bias.add_(torch.randn_like(bias))
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(images), before, atol=1e-4, rtol=1e-4)
 
 
 def test_a_killed_conversion_is_redone_and_the_tag_is_untouched(saved_on_two_ranks, tmp_path):

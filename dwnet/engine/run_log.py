@@ -18,7 +18,8 @@ from dwnet.config import RunConfig
 from dwnet.preflight import package_versions
 
 CSV_FIELDS = ["epoch", "step", "precision", "lr", "train_loss", "val_top1", "val_top5", "val_loss",
-              "ema_top1", "ema_top5", "skipped_steps", "images_per_s", "epoch_seconds", "note"]
+              "ema_top1", "ema_top5", "skipped_steps", "world_size", "accumulation_steps", "images_per_s",
+              "epoch_seconds", "note"]
 
 
 class RunLog:
