@@ -7,9 +7,13 @@ Where things live (one home per contract):
   YAML/JSON reader.
 - `models/`: the registered DWNet variants, `create_model` / `build_model`, checkpoint loading,
   BatchNorm fusion, FLOPs.
-- `data/`: FFCV and ImageFolder loaders, augmentations, per-rank sharding.
-- `engine/`: the generated DeepSpeed config (`ds_config`), AdamW groups and schedule (`optim`), the
-  `Trainer` loop, checkpoints, non-finite guards, throughput, export.
+- `data/`: FFCV and ImageFolder loaders (`loaders`, `readers`), the .beton format (`beton_format`),
+  augmentations, the world-size-independent sample order (`sharding`).
+- `engine/`: the generated DeepSpeed config and dtypes (`ds_config`), AdamW groups and schedule
+  (`optim`), the `Trainer` loop (`trainer`) and its meters, the run's position (`progress`), saving,
+  restoring and rolling back (`run_state`), which tag to resume and how on this rank layout
+  (`resume`), resharding through DeepSpeed's universal checkpoint (`universal`), checkpoint files
+  (`checkpointing`, `checkpoint_space`), non-finite guards, throughput and its timing, export.
 - `distributed/`: launcher discovery (`discovery`), process group and device binding
   (`process_group`), the fail-fast exit wrapper (`failfast`).
 - `preflight`: checks every rank runs before training.
