@@ -28,8 +28,8 @@ class RunState:
         reshard = resume.needs_reshard(self.checkpoints, tag, self.world_size, self.cfg.engine.zero_stage)
         if reshard:
             universal.convert_on_rank0(self.checkpoints, tag)
-            if not self.loads_universal:
-                self._build_engine(self.progress.precision, load_universal=True)
+        if reshard != self.loads_universal:  # a rollback target of another layout than the resumed tag
+            self._build_engine(self.progress.precision, load_universal=reshard)
         client = checkpointing.load(self.engine, self.checkpoints, tag, seed=self.cfg.engine.seed, reshard=reshard)
         self._restore_client_state(tag, client)
 
