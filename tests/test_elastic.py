@@ -171,6 +171,19 @@ def test_a_failing_conversion_is_one_line_and_leaves_the_tag_alone(saved_on_two_
     assert not (root / "universal" / ("step_00000004" + universal.PARTIAL)).exists()
 
 
+def test_a_conversion_without_room_is_refused_in_one_line(saved_on_two_ranks, tmp_path, monkeypatch):
+    source, _ = saved_on_two_ranks
+    root = tmp_path / "checkpoints"
+    shutil.copytree(source / "z2_fp32" / "checkpoints", root)
+    monkeypatch.setattr(universal, "free_bytes", lambda path: 1000)  # a full disk, without filling one
+    with pytest.raises(universal.ConversionError) as err:
+        universal.convert(str(root), "step_00000004", workers=1)
+    line = str(err.value)
+    assert "\n" not in line and "1000 B are free" in line and "the tag is untouched" in line
+    assert not (root / "universal" / "step_00000004.partial").exists()
+    assert checkpointing.verify_tag(str(root), "step_00000004") is None
+
+
 def test_a_global_batch_that_cannot_be_kept_names_the_world_sizes_that_can(saved_on_two_ranks):
     from engine_worker import tiny_run_config
 

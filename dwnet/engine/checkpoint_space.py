@@ -11,7 +11,7 @@ import torch
 
 from dwnet.errors import UserError
 
-from .checkpointing import checkpoint_root, newest_complete_tag
+from . import checkpointing
 
 
 class CheckpointSpaceError(UserError):
@@ -45,7 +45,7 @@ def out_of_space(root: str, err: BaseException) -> bool:
         return True
     if "No space left" in str(err) or "unexpected pos" in str(err):
         return True
-    newest = newest_complete_tag(root)
+    newest = checkpointing.newest_complete_tag(root)
     try:
         return newest is not None and free_bytes(root) < tag_size(root, newest)
     except OSError:
@@ -53,7 +53,7 @@ def out_of_space(root: str, err: BaseException) -> bool:
 
 
 def space_message(root: str, tag: str, err: BaseException) -> str:
-    newest = newest_complete_tag(root)
+    newest = checkpointing.newest_complete_tag(root)
     last = f"the last tag {newest} takes {human_size(tag_size(root, newest))}" if newest else "no earlier tag"
     intact = f"; {newest} is intact and a relaunch resumes from it" if newest else ""
     cause = (str(err).splitlines() or [type(err).__name__])[0].strip()
@@ -66,8 +66,8 @@ def space_for_two_tags(cfg) -> tuple[int, str] | None:
     """(bytes, basis) two checkpoint tags of this run take: from the newest complete tag, or else
     from the parameter count (fp32 weights and two Adam moments, plus fp32 master weights under
     bf16/fp16 and the EMA's copy). None when neither can be estimated."""
-    root = checkpoint_root(cfg.checkpoint.dir)
-    newest = newest_complete_tag(root)
+    root = checkpointing.checkpoint_root(cfg.checkpoint.dir)
+    newest = checkpointing.newest_complete_tag(root)
     if newest is not None:
         return 2 * tag_size(root, newest), f"the newest tag {newest}"
     try:

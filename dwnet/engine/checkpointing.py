@@ -34,7 +34,7 @@ from dwnet.atomic_io import atomic_open, fsync_tree
 from dwnet.data.rng import derive_key
 from dwnet.errors import UserError
 
-from . import universal
+from . import checkpoint_space, universal
 
 COMPLETE = "COMPLETE"
 EPISODE = "nonfinite_episode"  # COMPLETE key: first skipped step of the episode open at save time
@@ -181,8 +181,6 @@ def save(engine, root: str, step: int, client_state: dict[str, Any], keep_last: 
          is_best: bool = False, meta: dict[str, Any] | None = None, suffix: str = "") -> str:
     """Collective: every rank must call it. `meta` goes into COMPLETE, readable without DeepSpeed.
     Never overwrites a complete tag (use `suffix` to save again at the same step). Returns the tag."""
-    from .checkpoint_space import CheckpointSpaceError, out_of_space, space_message
-
     tag = tag_for_step(step, suffix)
     if os.path.isfile(os.path.join(root, tag, COMPLETE)):
         return tag
@@ -197,8 +195,8 @@ def save(engine, root: str, step: int, client_state: dict[str, Any], keep_last: 
     except (OSError, RuntimeError) as err:
         # The half-written tag goes at once: left in place it eats the space the rerun needs.
         shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
-        if out_of_space(root, err):
-            raise CheckpointSpaceError(space_message(root, tag, err)) from err
+        if checkpoint_space.out_of_space(root, err):
+            raise checkpoint_space.CheckpointSpaceError(checkpoint_space.space_message(root, tag, err)) from err
         raise
     if dist.is_initialized():
         dist.barrier()

@@ -30,6 +30,8 @@ from deepspeed.checkpoint.constants import (DS_VERSION, OPTIMIZER_STATE_DICT, PA
 from dwnet.atomic_io import fsync_tree
 from dwnet.errors import UserError
 
+from .checkpoint_space import free_bytes, human_size, tag_size
+
 UNIVERSAL_DIR = "universal"
 PARTIAL = ".partial"
 DONE = "UNIVERSAL_COMPLETE"
@@ -66,24 +68,35 @@ def convert(root: str, tag: str, workers: int | None = None) -> str:
     for stale in (partial, final):  # a killed conversion, or a copy without its marker
         shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(partial)
-    workers = workers or max(1, min(4, os.cpu_count() or 1))
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", os.path.join(root, tag),
-           "--output_folder", partial, "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
-    log_path = os.path.join(universal_root(root), tag + ".log")
-    with open(log_path, "w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-    if code != 0:
+    source = os.path.join(root, tag)
+    needed, free = tag_size(root, tag), free_bytes(partial)  # the copy holds what the tag holds, unsharded
+    if free < needed:
         shutil.rmtree(partial, ignore_errors=True)
         raise ConversionError(
-            f"converting {os.path.join(root, tag)} for the new rank layout failed ({_last_error(log_path)}); the "
-            f"tag is untouched and the partial copy was removed; full output in {log_path}; fix the cause and "
-            "relaunch, or relaunch on the tag's own world size and ZeRO stage")
-    _name_model_states_for_every_stage(partial)
-    _optimizer_state_for_every_stage(partial)
-    with open(os.path.join(partial, DONE), "w") as fh:
-        json.dump({"source": tag}, fh)
-    fsync_tree(partial)
-    os.rename(partial, final)
+            f"converting {source} for the new rank layout needs about {human_size(needed)} in {universal_root(root)}, "
+            f"{human_size(free)} are free; the tag is untouched; free space and relaunch, or relaunch on the tag's "
+            "own world size and ZeRO stage")
+    log_path = os.path.join(universal_root(root), tag + ".log")
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
+           "--output_folder", partial, "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
+    try:
+        with open(log_path, "w") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+                raise ConversionError(_last_error(log_path))
+        _name_model_states_for_every_stage(partial)
+        _optimizer_state_for_every_stage(partial)
+        with open(os.path.join(partial, DONE), "w") as fh:
+            json.dump({"source": tag}, fh)
+        fsync_tree(partial)
+        os.rename(partial, final)
+    except (ConversionError, OSError, RuntimeError) as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        cause = (str(err).splitlines() or [type(err).__name__])[0].strip()
+        raise ConversionError(
+            f"converting {source} for the new rank layout failed ({cause}); the tag is untouched and the partial "
+            f"copy was removed; full output in {log_path}; fix the cause and relaunch, or relaunch on the tag's own "
+            "world size and ZeRO stage") from err
     os.replace(log_path, os.path.join(final, LOG))
     return final
 
@@ -150,9 +163,9 @@ def convert_on_rank0(root: str, tag: str) -> str:
     if rank == 0:
         try:
             convert(root, tag)
-        except (ConversionError, OSError) as err:
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
             outcome[0] = str(err) if isinstance(err, ConversionError) else \
-                f"converting {os.path.join(root, tag)} failed: {err}; the tag is untouched"
+                f"converting {os.path.join(root, tag)} failed ({type(err).__name__}: {err}); the tag is untouched"
     if dist.is_initialized():
         dist.broadcast_object_list(outcome, src=0)
     if outcome[0]:
