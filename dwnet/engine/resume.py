@@ -62,8 +62,7 @@ def plan_resume(cfg: RunConfig, root: str, tag: str, world_size: int, new_global
             raise ResumeMismatchError(
                 f"{where} was saved with engine.zero_stage={old_stage}, this run has engine.zero_stage={stage}: "
                 "ZeRO-0 keeps no optimizer shards for DeepSpeed's universal converter, so a stage change to or from "
-                f"0 cannot carry the optimizer state; set engine.zero_stage={old_stage} to resume "
-                f"(any stage 1-3 can then follow from a later checkpoint of stage {old_stage or 1}+)")
+                f"0 cannot carry the optimizer state; set engine.zero_stage={old_stage} to resume")
         notes.append(f"engine.zero_stage {old_stage} -> {stage}: optimizer state resharded")
     old_world = saved.get("world_size", world_size)
     old_global = saved.get("global_batch", global_batch_size(cfg, world_size))

@@ -129,7 +129,7 @@ class Trainer(RunState):
         self.progress.precision = precision
         self.ds_config = build_deepspeed_config(cfg, self.world_size, precision)
         if load_universal:  # read only by load_checkpoint: saves stay in the ordinary format
-            self.ds_config["checkpoint"] = {"load_universal": True}
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.loads_universal = load_universal
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
