@@ -44,7 +44,12 @@ def state(trainer) -> dict[str, object]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     engine = trainer.engine
-    plain = engine.zero_optimization_stage() == 0 and trainer.progress.precision == "fp32"
+    plain = engine.zero_optimization_stage() == 0
+    masters = {}  # bf16 without ZeRO: DeepSpeed's FP16_UnfusedOptimizer keeps fp32 masters, group by group
+    if plain and hasattr(engine.optimizer, "fp32_groups"):
+        low = [p for group in engine.optimizer.fp16_groups for p in group]
+        high = [p for group in engine.optimizer.fp32_groups for p in group]
+        masters = {id(lp): hp for lp, hp in zip(low, high)}
     base = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     if getattr(engine.optimizer, "_hp_optimizer_states_linked", False):
         # ZeRO-1/2 link each parameter to its Adam moments once, right after the first param
@@ -53,9 +58,10 @@ def state(trainer) -> dict[str, object]:
         engine.optimizer._lazy_init_hp_params_optimizer_state()
     out: dict[str, object] = {}
     for name, param in engine.module.named_parameters():
-        if plain:
-            moments = base.state[param]
-            out[f"fp32.{name}"] = param.detach().float().clone()
+        master = masters.get(id(param), param) if plain else None
+        if plain:  # whole fp32 parameters (or their fp32 masters) and moments on every rank
+            moments = base.state[master]
+            out[f"fp32.{name}"] = master.detach().float().clone()
             out[f"exp_avg.{name}"] = moments["exp_avg"].clone()
             out[f"exp_avg_sq.{name}"] = moments["exp_avg_sq"].clone()
         else:
