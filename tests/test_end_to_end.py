@@ -169,6 +169,7 @@ def test_run_killed_on_two_ranks_finishes_on_one_rank_or_at_zero_3_like_the_unin
     log = (tmp_path / "one_rank.log").read_text()
     assert "world size 2 -> 1: accumulation 1 -> 2, global batch 64 kept" in log, log[-3000:]
     assert "resumed from step_00000030: epoch 1, step 8 of 22 in it" in log
+    assert "converting step_00000030 to DeepSpeed's universal format for this rank layout" in log
     assert final_step(killed) == final_step(reference_run) == 44
     expected = export(reference_run, tmp_path / "reference.pth", demo_betons)
     got = export(killed, tmp_path / "one_rank.pth", demo_betons)

@@ -7,6 +7,8 @@ layout and log, and its `_build_engine` when a restore needs a different engine.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -26,8 +28,15 @@ class RunState:
         """Engine, optimizer, RNG, progress, buffers, EMA and LR schedule as saved in `tag`; a tag
         of another world size or ZeRO stage goes through its universal copy."""
         reshard = resume.needs_reshard(self.checkpoints, tag, self.world_size, self.cfg.engine.zero_stage)
-        if reshard:
+        if reshard:  # collective on every rank, whatever each sees on disk: rank 0 decides
+            fresh = self.rank == 0 and not universal.is_converted(self.checkpoints, tag)
+            if fresh:
+                self.log.info("converting %s to DeepSpeed's universal format for this rank layout (once per tag, "
+                              "into %s)", tag, universal.universal_root(self.checkpoints))
+            started = time.perf_counter()
             universal.convert_on_rank0(self.checkpoints, tag)
+            if fresh:
+                self.log.info("converted %s in %.0f s", tag, time.perf_counter() - started)
         if reshard != self.loads_universal:  # a rollback target of another layout than the resumed tag
             self._build_engine(self.progress.precision, load_universal=reshard)
         client = checkpointing.load(self.engine, self.checkpoints, tag, seed=self.cfg.engine.seed, reshard=reshard)
