@@ -76,10 +76,8 @@ def test_resume_on_one_two_and_four_ranks_restores_the_saved_state_exactly(saved
     for setting in SETTINGS:
         assert on_four[setting]["accumulation_steps"] == 1
         assert differences(saved[setting], on_four[setting]) == [], f"2 -> 4 ranks, {setting}"
-    # The universal copies were made once per tag, next to (never inside) the original tags.
+    # ZeRO 1-3 tags went through a universal copy; ZeRO-0 ones (whole optimizer state) loaded directly.
     for setting in SETTINGS:
-        converted = universal.is_converted(str(source / setting / "checkpoints"), "step_00000004")
-        assert not converted  # the source runs were copied before any conversion
         partitioned = not setting.startswith("z0")
         assert universal.is_converted(str(one / setting / "checkpoints"), "step_00000004") == partitioned
 
