@@ -360,3 +360,32 @@ def test_zero3_engine_leaves_torch_functions_alone(tmp_path, process_group):
     make_trainer(tmp_path, "engine.zero_stage=3")
     assert torch.nn.functional.linear is torch._C._nn.linear
     torch.jit.script(timm.create_model("dwnet_femto", num_classes=10))
+
+
+def test_batchnorm_running_statistics_do_not_depend_on_the_rank_layout():
+    """One step of four micro-batches: 1 rank x 4, 2 ranks x 2 (averaged, as at every save) and
+    4 ranks x 1 end with the same running averages, which are those of plain momentum over the
+    step's mean statistics; and with one micro-step the configured momentum is used as it is."""
+    from dwnet.engine.bn_accumulation import accumulation_momentum
+    from dwnet.models import BatchNormFP32
+
+    batches = [torch.randn(8, 6, 5, 5) * (i + 1) + i for i in range(4)]
+
+    def layout(world: int) -> dict[str, torch.Tensor]:
+        accumulation = 4 // world
+        ranks = []
+        for rank in range(world):
+            norm = BatchNormFP32(6, momentum=0.1).train()
+            for micro in range(accumulation):
+                with accumulation_momentum([norm], micro, accumulation):
+                    norm(batches[micro * world + rank])
+            assert norm.momentum == 0.1
+            ranks.append(norm)
+        return {k: torch.stack([getattr(n, k) for n in ranks]).mean(0) for k in ("running_mean", "running_var")}
+
+    one, two, four = layout(1), layout(2), layout(4)
+    mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    for got in (one, two, four):
+        torch.testing.assert_close(got["running_mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["running_var"], 0.9 + 0.1 * var, rtol=1e-5, atol=1e-6)

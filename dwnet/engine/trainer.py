@@ -28,6 +28,7 @@ from dwnet.data.sharding import StepLayout
 from dwnet.models import build_model
 
 from . import checkpointing, resume
+from .bn_accumulation import accumulation_momentum, batchnorms
 from .ds_config import DTYPES, build_deepspeed_config
 from .meters import EpochMeter
 from .metrics import evaluate
@@ -133,6 +134,7 @@ class Trainer(RunState):
         self.loads_universal = load_universal
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
+        self.batchnorms = batchnorms(self.engine.module)
         if cfg.model.compile:
             self.engine.compile()  # DeepSpeed's wrapper around torch.compile, aware of ZeRO hooks
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.lrs, max(self.steps_per_epoch, 1))
@@ -282,7 +284,9 @@ class Trainer(RunState):
         DeepSpeed applies the update after the last one. Returns the detached loss."""
         if micro_batch == 0:
             self.step_guard.begin(self.engine.module)  # the buffers as they were before this step
-        loss = self.loss_fn(self.engine(images.to(self.dtype)), targets)
+        with accumulation_momentum(self.batchnorms, micro_batch, self.cfg.optim.accumulation_steps):
+            logits = self.engine(images.to(self.dtype))
+        loss = self.loss_fn(logits, targets)
         last = micro_batch == self.cfg.optim.accumulation_steps - 1
         self.engine.backward(self.step_guard.loss_for_backward(loss, last_micro_batch=last))
         self.engine.step()
