@@ -93,6 +93,13 @@ def _mix64_int(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def seed_global_generators(key: int) -> None:
+    """Seeds `random`, `numpy.random` and torch's generators (CPU and CUDA) from one 64-bit key."""
+    random.seed(key)
+    np.random.seed([key & 0xFFFFFFFF, key >> 32])
+    torch.manual_seed(key & 0x7FFFFFFFFFFFFFFF)
+
+
 @contextlib.contextmanager
 def rng_scope(key: int, device: torch.device) -> Iterator[None]:
     """Runs the block with `random`, `numpy.random` and torch's (CPU and `device`) generators seeded
@@ -102,9 +109,7 @@ def rng_scope(key: int, device: torch.device) -> Iterator[None]:
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        random.seed(key)
-        np.random.seed([key & 0xFFFFFFFF, key >> 32])
-        torch.manual_seed(key & 0x7FFFFFFFFFFFFFFF)
+        seed_global_generators(key)
         try:
             yield
         finally:

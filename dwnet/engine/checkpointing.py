@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from dwnet.atomic_io import atomic_open, fsync_tree
-from dwnet.data.rng import derive_key
+from dwnet.data.rng import derive_key, seed_global_generators
 from dwnet.errors import UserError
 
 from . import checkpoint_space, universal
@@ -346,7 +346,4 @@ def load_rng_state(root: str, tag: str, seed: int) -> None:
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
     else:
-        key = derive_key(_NEW_RANK, seed, rank)
-        random.seed(key)
-        np.random.seed([key & 0xFFFFFFFF, key >> 32])
-        torch.manual_seed(key & 0x7FFFFFFFFFFFFFFF)
+        seed_global_generators(derive_key(_NEW_RANK, seed, rank))
