@@ -191,6 +191,24 @@ def test_a_conversion_without_room_is_refused_in_one_line(saved_on_two_ranks, tm
     assert checkpointing.verify_tag(str(root), "step_00000004") is None
 
 
+def test_a_disk_filling_up_during_the_conversion_is_one_line(saved_on_two_ranks, tmp_path, monkeypatch):
+    source, _ = saved_on_two_ranks
+    root = tmp_path / "checkpoints"
+    shutil.copytree(source / "z2_fp32" / "checkpoints", root)
+
+    def disk_full(folder):  # what torch.save reports when the disk fills mid-file
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662")
+
+    monkeypatch.setattr(universal, "_optimizer_state_for_every_stage", disk_full)
+    with pytest.raises(universal.ConversionError) as err:
+        universal.convert(str(root), "step_00000004", workers=1)
+    line = str(err.value)
+    assert "\n" not in line and "(no space left on its disk, " in line and "unexpected pos 768" in line
+    assert "the tag is untouched and the partial copy was removed" in line
+    assert not (root / "universal" / "step_00000004.partial").exists()
+    assert checkpointing.verify_tag(str(root), "step_00000004") is None
+
+
 def test_a_global_batch_that_cannot_be_kept_names_the_world_sizes_that_can(saved_on_two_ranks):
     from engine_worker import tiny_run_config
 

@@ -30,7 +30,7 @@ from deepspeed.checkpoint.constants import (DS_VERSION, OPTIMIZER_STATE_DICT, PA
 from dwnet.atomic_io import fsync_tree
 from dwnet.errors import UserError
 
-from .checkpoint_space import free_bytes, human_size, tag_size
+from .checkpoint_space import free_bytes, human_size, out_of_space, tag_size
 
 UNIVERSAL_DIR = "universal"
 PARTIAL = ".partial"
@@ -93,6 +93,8 @@ def convert(root: str, tag: str, workers: int | None = None) -> str:
     except (ConversionError, OSError, RuntimeError) as err:
         shutil.rmtree(partial, ignore_errors=True)
         cause = (str(err).splitlines() or [type(err).__name__])[0].strip()
+        if out_of_space(root, err):
+            cause = f"no space left on its disk, {human_size(free_bytes(root))} free after cleaning up: {cause}"
         raise ConversionError(
             f"converting {source} for the new rank layout failed ({cause}); the tag is untouched and the partial "
             f"copy was removed; full output in {log_path}; fix the cause and relaunch, or relaunch on the tag's own "
