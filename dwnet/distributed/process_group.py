@@ -3,7 +3,7 @@
 device query, one collective and the teardown that the rest of the code needs.
 
 Environment knobs: DWNET_DIST_TIMEOUT (seconds, default 1800) bounds rendezvous and every
-collective; DWNET_NUM_THREADS overrides the CPU thread count per rank.
+collective; DWNET_IFACE_PROBE_TIMEOUT (default 20) bounds the interface check (interface_probe); DWNET_NUM_THREADS overrides the CPU thread count per rank.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from dwnet.distributed.discovery import DistEnv, DistError, discover_env
+from dwnet.distributed.interface_probe import check_interface
 
 if TYPE_CHECKING:
     import torch
@@ -123,6 +124,8 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
         iface = _loopback_iface() if loopback_master or env.world_size == 1 else None
         if iface:  # every rank is on this host: keep gloo's pairs on loopback
             os.environ["GLOO_SOCKET_IFNAME"] = iface
+    # several hosts: settle the interface and check it reaches the master before gloo would hang on it
+    check_interface(env)
 
     import deepspeed
 
