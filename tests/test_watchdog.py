@@ -50,7 +50,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def test_peer_timeout_setting():
-    assert peer_timeout_s({}) == 120
+    assert peer_timeout_s({}) == 90
     assert peer_timeout_s({"DWNET_PEER_TIMEOUT": "30"}) == 30
     assert peer_timeout_s({"DWNET_PEER_TIMEOUT": "0"}) == 0
     for bad in ("soon", "1", "-5"):

@@ -1,5 +1,5 @@
 """Peer watchdog: every rank of a multi-rank run ends within DWNET_PEER_TIMEOUT seconds (default
-120) of another rank's host dying or becoming unreachable, instead of waiting in a collective for
+90) of another rank's host dying or becoming unreachable, instead of waiting in a collective for
 the process-group timeout (DWNET_DIST_TIMEOUT, 30 minutes).
 
 A daemon thread per rank exchanges small UDP datagrams with rank 0 (its own socket, not a
@@ -24,7 +24,7 @@ import time
 
 from dwnet.distributed.discovery import DistEnv, DistError
 
-DEFAULT_PEER_TIMEOUT_S = 120.0
+DEFAULT_PEER_TIMEOUT_S = 90.0  # + the launcher's ssh keepalive (launch/): everything ends within 2 minutes
 EXIT_CODE = 1
 
 _ACTIVE: "PeerWatchdog | None" = None
