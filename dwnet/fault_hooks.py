@@ -16,9 +16,11 @@ import socket
 import time
 
 
-def _delayed(fn, seconds: float):
+def _delayed(fn, seconds: float, say: str = ""):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if say:
+            print(say, flush=True)
         time.sleep(seconds)
         return fn(*args, **kwargs)
     return wrapper
@@ -36,7 +38,8 @@ def apply_fault_hooks(rank: int) -> None:
     if os.environ.get("DWNET_TEST_SLOW_SAVE_S"):
         from dwnet.engine import checkpointing
 
-        checkpointing.save = _delayed(checkpointing.save, float(os.environ["DWNET_TEST_SLOW_SAVE_S"]))
+        seconds = float(os.environ["DWNET_TEST_SLOW_SAVE_S"])
+        checkpointing.save = _delayed(checkpointing.save, seconds, f"[rank {rank}] slow save: {seconds:g} s (test hook)")
     if os.environ.get("DWNET_TEST_STEP_DELAY_S"):
         from dwnet.engine.trainer import Trainer
 

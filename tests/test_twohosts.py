@@ -59,10 +59,14 @@ def _env(run: Path, hosts: TwoHosts, **extra: str) -> dict[str, str]:
                     DWNET_TEST_RANK_RECORD=str(run / "ranks"), SSH_ALIVE_S="5", **extra)
     for loopback_only in ("GLOO_SOCKET_IFNAME", "OMPI_MCA_oob_tcp_if_include", "OMPI_MCA_btl_tcp_if_include"):
         env.pop(loopback_only, None)
+    return hosts.client_env(env)
+
+
+def _forward(run: Path, env: dict[str, str]) -> dict[str, str]:
+    """What the remote ranks need from `env`: a .deepspeed_env for pdsh, -x options for mpirun."""
     forwarded = {k: env[k] for k in env if k.startswith(("DWNET_", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR"))}
     (run / "repo" / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in forwarded.items()))
-    env["MPI_EXTRA"] = "--allow-run-as-root " + " ".join(f"-x {k}" for k in forwarded) + " -x PYTHONPATH"
-    return hosts.client_env(env)
+    return dict(env, MPI_EXTRA="--allow-run-as-root " + " ".join(f"-x {k}" for k in forwarded) + " -x PYTHONPATH")
 
 
 def _opts(run: Path, betons: Path, epochs: int = STEPS // 5) -> list[str]:
@@ -73,6 +77,7 @@ def _opts(run: Path, betons: Path, epochs: int = STEPS // 5) -> list[str]:
 
 def _launch(hosts: TwoHosts, run: Path, script: str, env: dict, betons: Path, name: str = "launch", **kw):
     repo = run / "repo"
+    env = _forward(run, env)
     return hosts.launch("a", ["bash", repo / "launch" / script, *_opts(run, betons, **kw)], env=env, cwd=repo,
                         log=run / f"{name}.log")
 
@@ -176,7 +181,8 @@ def test_partition_stops_every_rank_and_the_relaunch_resumes(tmp_path, hosts, di
     rc, log = proc.wait(timeout=600)
     assert rc == 0, log[-4000:]
     assert not _peer_lost_lines(log)
-    assert f"resum" in log.lower() and resumed_from in log, log[-4000:]
+    assert log.count(f"slow save: {BOUND + 5:g} s") >= 2, log[-4000:]  # both ranks, every save
+    assert f"resumed from {resumed_from}" in log, log[-4000:]
     assert _complete(tmp_path)[-1] == f"step_{STEPS:08d}"
     _verify_tags(tmp_path)
 
