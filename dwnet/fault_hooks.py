@@ -1,8 +1,8 @@
 """Test hooks for the fault-tolerance tests, read from the environment by train.py (all off by
 default; nothing here changes a run unless the variable is set):
 
-- DWNET_TEST_SLOW_SAVE_S: every checkpoint save sleeps this long first (a save slower than
-  DWNET_PEER_TIMEOUT must not trip the peer watchdog).
+- DWNET_TEST_SLOW_SAVE_S: the run's first checkpoint save sleeps this long first (a save slower
+  than DWNET_PEER_TIMEOUT must not trip the peer watchdog).
 - DWNET_TEST_STEP_DELAY_S: every optimizer step sleeps this long (leaves time to cut a link mid-run).
 - DWNET_TEST_RANK_RECORD: a directory; each rank writes rank<R>.json with its pid, host name and
   network namespace (to show which host each rank ran on).
@@ -16,12 +16,17 @@ import socket
 import time
 
 
-def _delayed(fn, seconds: float, say: str = ""):
+def _delayed(fn, seconds: float, say: str = "", times: int = 0):
+    """fn, sleeping `seconds` before each call (before the first `times` calls when times > 0)."""
+    calls = [0]
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if say:
-            print(say, flush=True)
-        time.sleep(seconds)
+        calls[0] += 1
+        if not times or calls[0] <= times:
+            if say:
+                print(say, flush=True)
+            time.sleep(seconds)
         return fn(*args, **kwargs)
     return wrapper
 
@@ -39,7 +44,8 @@ def apply_fault_hooks(rank: int) -> None:
         from dwnet.engine import checkpointing
 
         seconds = float(os.environ["DWNET_TEST_SLOW_SAVE_S"])
-        checkpointing.save = _delayed(checkpointing.save, seconds, f"[rank {rank}] slow save: {seconds:g} s (test hook)")
+        checkpointing.save = _delayed(checkpointing.save, seconds, f"[rank {rank}] slow save: {seconds:g} s (test hook)",
+                                      times=1)
     if os.environ.get("DWNET_TEST_STEP_DELAY_S"):
         from dwnet.engine.trainer import Trainer
 

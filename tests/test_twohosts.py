@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 BOUND = 15  # DWNET_PEER_TIMEOUT in these tests (the default is 90)
 EXIT_WITHIN = BOUND + 45  # ranks: the bound + a ping interval; launchers: + ssh keepalive (3 x 5 s) + teardown
-STEPS = 20  # 4 epochs x 5 steps (160 digits, 2 ranks x 16)
+STEPS = 15  # 3 epochs x 5 steps (160 digits, 2 ranks x 16)
 VENV = Path(sys.executable).parent.parent
 
 
@@ -148,7 +148,7 @@ def test_partition_stops_every_rank_and_the_relaunch_resumes(tmp_path, hosts, di
     damaged; with the link back the same command resumes and ends at the uninterrupted step count,
     through a save slower than the bound."""
     _tree(tmp_path)
-    env = _env(tmp_path, hosts, IFACE="eth1", DWNET_TEST_STEP_DELAY_S="1.5")
+    env = _env(tmp_path, hosts, IFACE="eth1", DWNET_TEST_STEP_DELAY_S="1")
     proc = _launch(hosts, tmp_path, "deepspeed.sh", env, digits_betons)
     first = _wait_for_tag(proc, tmp_path)
     records = _ranks_on_their_hosts(tmp_path, hosts)
@@ -181,7 +181,7 @@ def test_partition_stops_every_rank_and_the_relaunch_resumes(tmp_path, hosts, di
     rc, log = proc.wait(timeout=600)
     assert rc == 0, log[-4000:]
     assert not _peer_lost_lines(log)
-    assert log.count(f"slow save: {BOUND + 5:g} s") >= 2, log[-4000:]  # both ranks, every save
+    assert log.count(f"slow save: {BOUND + 5:g} s") == 2, log[-4000:]  # each rank's first save
     assert f"resumed from {resumed_from}" in log, log[-4000:]
     assert _complete(tmp_path)[-1] == f"step_{STEPS:08d}"
     _verify_tags(tmp_path)
@@ -192,7 +192,7 @@ def test_dead_host_stops_the_other_and_one_rank_finishes(tmp_path, hosts, digits
     host a). Rank 0 and the launcher end within the bound with the same kind of line; relaunched
     on host a alone (one rank) the run continues through the elastic resume and finishes."""
     _tree(tmp_path)
-    env = _env(tmp_path, hosts, IFACE="eth1", DWNET_TEST_STEP_DELAY_S="1.5")
+    env = _env(tmp_path, hosts, IFACE="eth1", DWNET_TEST_STEP_DELAY_S="1")
     proc = _launch(hosts, tmp_path, "deepspeed.sh", env, digits_betons)
     _wait_for_tag(proc, tmp_path)
     records = _ranks_on_their_hosts(tmp_path, hosts)
