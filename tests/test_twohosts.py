@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,9 @@ def hosts(tmp_path_factory):
     with TwoHosts(tmp_path_factory.mktemp("hosts"), wrong_first_iface=True) as two:
         assert two.interfaces("a").index("eth0") < two.interfaces("a").index("eth1")  # eth0 listed first
         yield two
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(ns in listed for ns in two.ns.values()), listed  # nothing left behind
+    assert not any(alive(p.pid) for p in two.sshd.values())
 
 
 def _tree(run: Path) -> Path:
