@@ -246,3 +246,23 @@ def test_wrong_interface_stops_at_the_preflight(tmp_path, hosts, digits_betons):
     assert not _complete(tmp_path)
     (tmp_path / "probe_wrong_iface.txt").write_text(f"launcher {took:.1f} s\n" + "\n".join(lines))
     print(f"wrong interface: launcher exited after {took:.1f} s; " + " | ".join(lines))
+
+
+def test_one_rank_on_the_wrong_interface_stops_rank_0_too(tmp_path, hosts, digits_betons):
+    """Rank 0 (host a, GLOO_SOCKET_IFNAME=eth1) passes its check; rank 1 (host b, nothing set)
+    picks eth0 and fails. Rank 0 must not wait for it until the process-group timeout: it reads
+    rank 1's line from the rendezvous store and stops within 60 s as well."""
+    _tree(tmp_path)
+    base = _env(tmp_path, hosts, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                MASTER_ADDR=hosts.addr["a"], DWNET_DIST_TIMEOUT="600")
+    base.pop("HOSTFILE")
+    cmd = [sys.executable, REPO / "train.py", "--config", REPO / "ds_configs" / "demo_cpu.yaml", *_opts(tmp_path, digits_betons)]
+    start = time.monotonic()
+    rank0 = hosts.launch("a", cmd, env=dict(base, GLOO_SOCKET_IFNAME="eth1"), cwd=tmp_path, log=tmp_path / "rank0.log")
+    rank1 = hosts.launch("b", cmd, env=dict(base, RANK="1"), cwd=tmp_path, log=tmp_path / "rank1.log")
+    rc0, log0 = rank0.wait(timeout=120)
+    took = time.monotonic() - start
+    rc1, log1 = rank1.wait(timeout=30)
+    assert rc1 == 1 and "interface check: rank 1" in log1 and "set IFACE=eth1" in log1, log1[-3000:]
+    assert rc0 == 1 and took < 60, (took, log0[-3000:])
+    assert "FAILED: another rank failed: interface check: rank 1" in log0, log0[-3000:]

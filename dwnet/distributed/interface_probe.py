@@ -14,19 +14,28 @@ reach another host) and checks it within DWNET_IFACE_PROBE_TIMEOUT seconds (defa
   must get an answer (accepted, or refused because rank 0 is not listening yet: both prove the
   path works in both directions).
 
-A failure is one line naming the interface and telling the user to set IFACE.
+A failure is one line naming the interface and telling the user to set IFACE. A rank that fails
+also leaves the line in rank 0's rendezvous store (reached through ordinary routing), where a
+watcher thread on rank 0 (`abort_watch`) finds it: rank 0, which may have passed its own check, then
+stops too instead of waiting for the missing rank until the process-group timeout.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import errno
 import ipaddress
 import os
 import socket
+import sys
+import threading
 import time
+from collections.abc import Iterator
 
 from dwnet.distributed.discovery import DistEnv, DistError
 
 DEFAULT_PROBE_TIMEOUT_S = 20.0
+ABORT_KEY = "dwnet/interface_check_failed"
 
 
 def _ipv4_by_interface() -> dict[str, str]:
@@ -140,6 +149,56 @@ def check_interface(env: DistEnv, timeout_s: float | None = None) -> str | None:
         return name
     problem = _reaches(address, master, env.master_port, time.monotonic() + timeout_s)
     if problem is not None:
-        raise DistError(f"interface check: {who}: the ranks would use interface {name} ({address}, {how}), which "
-                        f"cannot reach MASTER_ADDR {master}:{env.master_port} within {timeout_s:g} s ({problem}); {fix}")
+        line = (f"interface check: {who}: the ranks would use interface {name} ({address}, {how}), which "
+                f"cannot reach MASTER_ADDR {master}:{env.master_port} within {timeout_s:g} s ({problem}); {fix}")
+        _tell_master(env, line)
+        raise DistError(line)
     return name
+
+
+def _store_client(env: DistEnv, timeout_s: float):
+    from torch.distributed import TCPStore
+
+    # wait_for_workers=False: this connection is not counted as one of the run's ranks
+    return TCPStore(env.master_addr, env.master_port, is_master=False, wait_for_workers=False,
+                    timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _tell_master(env: DistEnv, line: str) -> None:
+    """Best effort: leave the failure where rank 0's abort_watch looks (rank 0 may not be up)."""
+    try:
+        _store_client(env, 10).set(ABORT_KEY, line)
+    except Exception:  # noqa: BLE001 - the rank fails with its own line anyway
+        pass
+
+
+@contextlib.contextmanager
+def abort_watch(env: DistEnv, active: bool = True) -> Iterator[None]:
+    """On rank 0 of a multi-host run, while the process group comes up: ends this process with the
+    line another rank's failed interface check left in the store."""
+    if not active or env.rank != 0 or env.world_size < 2:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        store = None
+        while not done.wait(1.0):
+            try:
+                store = store or _store_client(env, 5)
+                if store.check([ABORT_KEY]) and not done.is_set():
+                    line = store.get(ABORT_KEY).decode(errors="replace")
+                    print(f"[dwnet rank 0/{env.world_size} on {socket.gethostname()} (pid {os.getpid()})] FAILED: "
+                          f"another rank failed: {line}", file=sys.stderr, flush=True)
+                    from dwnet.distributed.failfast import exit_now
+
+                    exit_now(1)
+            except Exception:  # noqa: BLE001 - the store is not up yet: try again
+                store = None
+
+    thread = threading.Thread(target=watch, name="dwnet-interface-abort-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()

@@ -15,7 +15,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from dwnet.distributed.discovery import DistEnv, DistError, discover_env
-from dwnet.distributed.interface_probe import check_interface
+from dwnet.distributed.interface_probe import abort_watch, check_interface
 
 if TYPE_CHECKING:
     import torch
@@ -125,12 +125,13 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
         if iface:  # every rank is on this host: keep gloo's pairs on loopback
             os.environ["GLOO_SOCKET_IFNAME"] = iface
     # several hosts: settle the interface and check it reaches the master before gloo would hang on it
-    check_interface(env)
+    checked = check_interface(env)
 
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    with abort_watch(env, active=checked is not None):  # a rank whose interface check failed must not leave rank 0 waiting
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
     if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
         raise DistError(f"process group came up as rank {dist.get_rank()}/{dist.get_world_size()}, "
                         f"the launcher said {env.rank}/{env.world_size}")
