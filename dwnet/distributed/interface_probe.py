@@ -123,7 +123,7 @@ def _reaches(source: str, master: str, port: int, deadline: float) -> str | None
 def check_interface(env: DistEnv, timeout_s: float | None = None) -> str | None:
     """Runs the check above on this rank; sets GLOO_SOCKET_IFNAME to the chosen interface so gloo
     binds where the check looked. Returns the interface (None when all ranks share loopback)."""
-    if env.world_size < 2:
+    if env.world_size < 2 or env.local_world_size == env.world_size:  # one host: any interface works
         return None
     try:
         master = socket.gethostbyname(env.master_addr)
