@@ -145,8 +145,7 @@ class PeerWatchdog:
     def _give_up(self, what: str, to_log: bool) -> None:
         line = (f"[dwnet rank {self.rank}/{self.env.world_size} on {self.host} (pid {os.getpid()})] PEER LOST: {what}; "
                 "stopping this rank; relaunch the same command to resume from the newest complete checkpoint")
-        print(line, file=sys.stderr, flush=True)
-        if to_log and self.run_dir:
+        if to_log and self.run_dir:  # first: the console may lead over the cut link
             try:
                 with open(os.path.join(self.run_dir, "train.log"), "a") as f:
                     f.write(f"{_stamp(self.rank)} {line}\n")
@@ -154,9 +153,16 @@ class PeerWatchdog:
                     os.fsync(f.fileno())
             except OSError:
                 pass
-        from dwnet.distributed.failfast import exit_now
 
-        exit_now(EXIT_CODE)
+        def say() -> None:  # may block for good when stderr is a pipe into a cut ssh session
+            os.write(2, (line + "\n").encode())
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+        speaker = threading.Thread(target=say, daemon=True)
+        speaker.start()
+        speaker.join(timeout=3)
+        os._exit(EXIT_CODE)  # no teardown: it would wait on the lost peer
 
     # -- control --
     def start(self) -> "PeerWatchdog":
@@ -169,8 +175,9 @@ class PeerWatchdog:
         if finished:
             bye = {"rank": self.rank, "host": self.host, "bye": True}
             targets = [(self.env.master_addr, self.port)] if self.rank != 0 else list(self.addrs.values())
-            for addr in targets:
-                self._send(bye, addr)
+            for _ in range(3):  # datagrams may be dropped; a lost goodbye would read as a lost peer
+                for addr in targets:
+                    self._send(bye, addr)
 
 
 def start_peer_watchdog(env: DistEnv, run_dir: str | None = None, timeout_s: float | None = None) -> PeerWatchdog | None:
