@@ -6,7 +6,7 @@ second NIC listed first, a docker bridge); its connections then retry until the 
 timeout (30 minutes) with nothing printed. Here each rank settles the interface first (the one
 GLOO_SOCKET_IFNAME names; else the one this host's name resolves to, as gloo does; else the first
 interface that is up and has an IPv4 address, instead of gloo's loopback fallback, which cannot
-reach another host) and checks it within DWNET_IFACE_PROBE_TIMEOUT seconds (default 20):
+reach another host) and checks it within DWNET_IFACE_PROBE_TIMEOUT seconds (default 10):
 
 - a rank on the master's host: MASTER_ADDR must be an address of the chosen interface when the
   interface was picked automatically (else peers would be told an address they cannot reach);
@@ -34,7 +34,7 @@ from collections.abc import Iterator
 
 from dwnet.distributed.discovery import DistEnv, DistError
 
-DEFAULT_PROBE_TIMEOUT_S = 20.0
+DEFAULT_PROBE_TIMEOUT_S = 10.0  # a working path answers in milliseconds (a refusal counts)
 ABORT_KEY = "dwnet/interface_check_failed"
 
 

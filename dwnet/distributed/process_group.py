@@ -3,7 +3,8 @@
 device query, one collective and the teardown that the rest of the code needs.
 
 Environment knobs: DWNET_DIST_TIMEOUT (seconds, default 1800) bounds rendezvous and every
-collective; DWNET_IFACE_PROBE_TIMEOUT (default 20) bounds the interface check (interface_probe); DWNET_NUM_THREADS overrides the CPU thread count per rank.
+collective; DWNET_IFACE_PROBE_TIMEOUT (default 10) bounds the interface check (interface_probe);
+DWNET_NUM_THREADS overrides the CPU thread count per rank.
 """
 from __future__ import annotations
 
