@@ -44,8 +44,8 @@ def apply_fault_hooks(rank: int) -> None:
         from dwnet.engine import checkpointing
 
         seconds = float(os.environ["DWNET_TEST_SLOW_SAVE_S"])
-        checkpointing.save = _delayed(checkpointing.save, seconds, f"[rank {rank}] slow save: {seconds:g} s (test hook)",
-                                      times=1)
+        say = f"[rank {rank}] slow save: {seconds:g} s (test hook)"
+        checkpointing.save = _delayed(checkpointing.save, seconds, say, times=1)
     if os.environ.get("DWNET_TEST_STEP_DELAY_S"):
         from dwnet.engine.trainer import Trainer
 

@@ -256,7 +256,8 @@ def test_one_rank_on_the_wrong_interface_stops_rank_0_too(tmp_path, hosts, digit
     base = _env(tmp_path, hosts, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                 MASTER_ADDR=hosts.addr["a"], DWNET_DIST_TIMEOUT="600")
     base.pop("HOSTFILE")
-    cmd = [sys.executable, REPO / "train.py", "--config", REPO / "ds_configs" / "demo_cpu.yaml", *_opts(tmp_path, digits_betons)]
+    cmd = [sys.executable, REPO / "train.py", "--config", REPO / "ds_configs" / "demo_cpu.yaml",
+           *_opts(tmp_path, digits_betons)]
     start = time.monotonic()
     rank0 = hosts.launch("a", cmd, env=dict(base, GLOO_SOCKET_IFNAME="eth1"), cwd=tmp_path, log=tmp_path / "rank0.log")
     rank1 = hosts.launch("b", cmd, env=dict(base, RANK="1"), cwd=tmp_path, log=tmp_path / "rank1.log")

@@ -120,7 +120,8 @@ Host *
 """)
         self.bin_dir.mkdir(exist_ok=True)
         wrapper = self.bin_dir / "ssh"
-        wrapper.write_text(f'#!/bin/sh\n# test-only: ssh with the two-host test key\nexec {SSH} -F {d / "ssh_config"} "$@"\n')
+        wrapper.write_text(f'#!/bin/sh\n# test-only: ssh with the two-host test key\n'
+                           f'exec {SSH} -F {d / "ssh_config"} "$@"\n')
         wrapper.chmod(0o755)
         for host, ns in self.ns.items():
             config = d / f"sshd_{host}.conf"

@@ -27,7 +27,8 @@ def main() -> int:
     parser.add_argument("--slow-rank", type=int, default=-1)
     parser.add_argument("--slow-s", type=float, default=0)
     parser.add_argument("--steps", type=int, default=0)
-    parser.add_argument("--linger-rank", type=int, default=-1, help="this rank keeps running 3 bounds after the last step")
+    parser.add_argument("--linger-rank", type=int, default=-1,
+                        help="this rank keeps running 3 bounds after the last step")
     args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))

@@ -130,7 +130,8 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
 
     import deepspeed
 
-    with abort_watch(env, active=checked is not None):  # a rank whose interface check failed must not leave rank 0 waiting
+    # a rank whose interface check failed must not leave rank 0 waiting in the rendezvous
+    with abort_watch(env, active=checked is not None):
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
     if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:

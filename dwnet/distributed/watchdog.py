@@ -180,7 +180,8 @@ class PeerWatchdog:
                     self._send(bye, addr)
 
 
-def start_peer_watchdog(env: DistEnv, run_dir: str | None = None, timeout_s: float | None = None) -> PeerWatchdog | None:
+def start_peer_watchdog(env: DistEnv, run_dir: str | None = None,
+                        timeout_s: float | None = None) -> PeerWatchdog | None:
     """Collective (every rank, right after init_distributed): rank 0 opens the UDP socket and
     broadcasts its port; every rank starts its thread. None for one rank or DWNET_PEER_TIMEOUT=0."""
     global _ACTIVE
