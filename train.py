@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     from dwnet.distributed import init_distributed, training_device
 
     env = init_distributed()
+    from dwnet.distributed.watchdog import start_peer_watchdog
+    from dwnet.fault_hooks import apply_fault_hooks
+
+    # before the first collective of the run: a lost host ends every rank within DWNET_PEER_TIMEOUT
+    start_peer_watchdog(env, run_dir=cfg.checkpoint.dir)
+    apply_fault_hooks(env.rank)
     device = training_device()
     if args.throughput:
         return throughput(cfg, device, env.rank)

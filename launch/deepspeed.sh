@@ -17,6 +17,7 @@ MASTER_PORT=${MASTER_PORT:-29500}
 IFACE=${IFACE:-}                # NIC the nodes reach each other on (eth0, ib0, bond0...); empty: auto
 VENV=${VENV:-$PWD/.venv}        # sourced on every node before the ranks start (same path everywhere)
 SSH_PORT=${SSH_PORT:-}          # sshd port on the nodes when it is not 22
+SSH_ALIVE_S=${SSH_ALIVE_S:-10}  # ssh gives up on a silent node after 3 x this many seconds
 DS_EXTRA=${DS_EXTRA:-}          # more deepspeed runner options (e.g. "--include node1:0-3@node2")
 
 if [[ -z "$HOSTFILE" ]]; then
@@ -41,13 +42,18 @@ done
 {
     echo "DWNET_HOSTFILE=$HOSTFILE"                    # preflight: world size vs slots, host names
     if [[ -n "${DS_ACCELERATOR:-}" ]]; then echo "DS_ACCELERATOR=$DS_ACCELERATOR"; fi
-    if [[ -n "${DWNET_DIST_TIMEOUT:-}" ]]; then echo "DWNET_DIST_TIMEOUT=$DWNET_DIST_TIMEOUT"; fi
+    for v in DWNET_DIST_TIMEOUT DWNET_PEER_TIMEOUT DWNET_IFACE_PROBE_TIMEOUT; do
+        if [[ -n "${!v:-}" ]]; then echo "$v=${!v}"; fi
+    done
     if [[ -n "$IFACE" ]]; then
         echo "NCCL_SOCKET_IFNAME=$IFACE"                # NCCL bootstrap + socket transport
         echo "GLOO_SOCKET_IFNAME=$IFACE"                # gloo (CPU collectives, object gathers)
     fi
 } >> "$ENV_FILE"
 export DS_ENV_FILE=$ENV_FILE
+# a node that dies or drops off the network sends nothing: without keepalives pdsh's ssh to it
+# waits for TCP's own timeout (many minutes) after every rank has already stopped
+export PDSH_SSH_ARGS_APPEND="${PDSH_SSH_ARGS_APPEND:-} -o ServerAliveInterval=${SSH_ALIVE_S:-10} -o ServerAliveCountMax=3"
 
 # --venv_script: `source .venv/bin/activate` on each node first (PATH: the venv's ninja, deepspeed)
 # --no_local_rank: ranks read LOCAL_RANK from the environment instead of a --local_rank argument

@@ -15,6 +15,14 @@ CONFIG=${CONFIG:-ds_configs/dwnet_base.yaml}
 HOSTFILE=$(realpath "${HOSTFILE:-hostfile}")   # the DeepSpeed hostfile is also a valid OpenMPI one
 IFACE=${IFACE:-eth0}            # NIC between the nodes: MPI's TCP traffic, NCCL/gloo sockets, rank 0's address
 VENV=${VENV:-$PWD/.venv}
+SSH_ALIVE_S=${SSH_ALIVE_S:-10}  # mpirun's ssh to a silent (dead, cut off) node gives up after 3 x this
+# mpirun reads OMPI_MCA_* from its environment: keepalives on the ssh that starts each node's orted
+export OMPI_MCA_plm_rsh_args="${OMPI_MCA_plm_rsh_args:-} -o ServerAliveInterval=$SSH_ALIVE_S -o ServerAliveCountMax=3"
+# forwarded to every rank when set (the peer watchdog's bound, the interface check's)
+FORWARD=""
+for v in DWNET_PEER_TIMEOUT DWNET_IFACE_PROBE_TIMEOUT DWNET_DIST_TIMEOUT; do
+    if [[ -n "${!v:-}" ]]; then FORWARD+=" -x $v=${!v}"; fi
+done
 MPI_EXTRA=${MPI_EXTRA:-}        # more mpirun options, e.g. "--allow-run-as-root" in root containers
 DS_EXTRA=${DS_EXTRA:-}          # more deepspeed runner options; a one-host hostfile needs "--force_multi"
 
@@ -26,7 +34,7 @@ LAUNCHER_ARGS="--bind-to none --map-by slot \
  --mca btl_tcp_if_include $IFACE --mca oob_tcp_if_include $IFACE \
  -x PATH=$VENV/bin:$PATH -x LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-} \
  -x NCCL_SOCKET_IFNAME=$IFACE -x GLOO_SOCKET_IFNAME=$IFACE -x DWNET_MASTER_IFACE=$IFACE \
- -x DWNET_HOSTFILE=$HOSTFILE $MPI_EXTRA"
+ -x DWNET_HOSTFILE=$HOSTFILE$FORWARD $MPI_EXTRA"
 # set MASTER_ADDR/MASTER_PORT yourself to skip the mpi4py discovery
 if [[ -n "${MASTER_ADDR:-}" ]]; then
     LAUNCHER_ARGS+=" -x MASTER_ADDR=$MASTER_ADDR -x MASTER_PORT=${MASTER_PORT:-29500}"

@@ -278,6 +278,13 @@ def _advertised_address() -> str:
     return socket.gethostname()
 
 
+def _network_stack_id() -> int:
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return 0
+
+
 def _mpi_rendezvous(addr: str | None, port: int | None, single_host: bool) -> tuple[str, int]:
     """Rank 0 picks the master address/port; MPI_COMM_WORLD broadcasts them."""
     try:
@@ -286,7 +293,8 @@ def _mpi_rendezvous(addr: str | None, port: int | None, single_host: bool) -> tu
         raise DistError(f"MPI launch without MASTER_ADDR/MASTER_PORT needs mpi4py ({err}); "
                         "install mpi4py or pass -x MASTER_ADDR=<rank-0 host> -x MASTER_PORT=<port> to mpirun") from None
     comm = MPI.COMM_WORLD
-    hosts = comm.allgather(socket.gethostname())
+    # a host is a name and a network stack: containers or namespaces may share the name
+    hosts = comm.allgather((socket.gethostname(), _network_stack_id()))
     choice = None
     if comm.Get_rank() == 0:
         same = single_host or len(set(hosts)) == 1

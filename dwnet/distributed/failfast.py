@@ -12,6 +12,7 @@ from typing import Any
 
 from dwnet.distributed.discovery import DistError
 from dwnet.distributed.process_group import get_env
+from dwnet.distributed.watchdog import stop_peer_watchdog
 from dwnet.errors import UserError, debug_tracebacks
 
 # printed as one line without a traceback (ConfigError, PreflightError, DataError are UserErrors)
@@ -72,6 +73,7 @@ def exit_now(code: int | None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         if not code:
+            stop_peer_watchdog()  # a finished rank's silence is not a lost peer
             _finalize_mpi()
     finally:
         os._exit(code or 0)

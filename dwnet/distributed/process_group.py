@@ -3,7 +3,8 @@
 device query, one collective and the teardown that the rest of the code needs.
 
 Environment knobs: DWNET_DIST_TIMEOUT (seconds, default 1800) bounds rendezvous and every
-collective; DWNET_NUM_THREADS overrides the CPU thread count per rank.
+collective; DWNET_IFACE_PROBE_TIMEOUT (default 10) bounds the interface check (interface_probe);
+DWNET_NUM_THREADS overrides the CPU thread count per rank.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from dwnet.distributed.discovery import DistEnv, DistError, discover_env
+from dwnet.distributed.interface_probe import abort_watch, check_interface
 
 if TYPE_CHECKING:
     import torch
@@ -123,11 +125,15 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
         iface = _loopback_iface() if loopback_master or env.world_size == 1 else None
         if iface:  # every rank is on this host: keep gloo's pairs on loopback
             os.environ["GLOO_SOCKET_IFNAME"] = iface
+    # several hosts: settle the interface and check it reaches the master before gloo would hang on it
+    checked = check_interface(env)
 
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    # a rank whose interface check failed must not leave rank 0 waiting in the rendezvous
+    with abort_watch(env, active=checked is not None):
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
     if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
         raise DistError(f"process group came up as rank {dist.get_rank()}/{dist.get_world_size()}, "
                         f"the launcher said {env.rank}/{env.world_size}")
