@@ -102,6 +102,6 @@ def main(rank: int, world_size: int, port: int, phase: str, out_dir: str, settin
             trainer = make_trainer(run_dir, setting, rank, world_size, "optim.epochs=1", *extra)  # same schedule
             result = {**state(trainer), "resume_tag": trainer.resume_tag,
                       "accumulation_steps": trainer.cfg.optim.accumulation_steps}
-            trainer.save(suffix=f"w{world_size}")  # a tag of this world size, for the next resume
+            trainer.checkpointer.save(suffix=f"w{world_size}")  # a tag of this world size, for the next resume
         if rank == 0:
             torch.save(result, os.path.join(out_dir, f"{setting}.{phase}.pt"))

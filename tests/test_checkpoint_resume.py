@@ -22,9 +22,11 @@ from engine_worker import weights  # noqa: E402
 from launch_harness import clean_env  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
-from dwnet.engine import ResumeMismatchError, Trainer, checkpoint_space, checkpointing  # noqa: E402
-from dwnet.engine.checkpointing import DamagedCheckpointError  # noqa: E402
-from dwnet.engine.export import resolve_tag  # noqa: E402
+from dwnet.checkpoint import checkpointing, layout  # noqa: E402
+from dwnet.checkpoint import space as checkpoint_space  # noqa: E402
+from dwnet.engine import ResumeMismatchError, Trainer  # noqa: E402
+from dwnet.checkpoint.layout import DamagedCheckpointError  # noqa: E402
+from dwnet.checkpoint.export import resolve_tag  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +93,7 @@ def test_damaged_newest_tag_is_moved_aside_and_resume_ends_bit_identical(tmp_pat
 
     with pytest.raises(Crash):
         make_trainer(tmp_path / "run", "checkpoint.every_steps=3", poison=crash_mid_epoch, n=128).fit()
-    root = Path(checkpointing.checkpoint_root(str(tmp_path / "run")))
+    root = Path(layout.checkpoint_root(str(tmp_path / "run")))
     damaged = root / "step_00000012" / "mp_rank_00_model_states.pt"
     truncate(damaged)
     before = digest(root / "step_00000012")
@@ -110,7 +112,7 @@ def test_damaged_newest_tag_is_moved_aside_and_resume_ends_bit_identical(tmp_pat
 
 def test_damaged_tag_named_by_eval_and_export(one_epoch_run, tmp_path):
     run_dir = copy_run(one_epoch_run, tmp_path / "run")
-    root = Path(checkpointing.checkpoint_root(str(run_dir)))
+    root = Path(layout.checkpoint_root(str(run_dir)))
     damaged = root / "step_00000016" / "mp_rank_00_model_states.pt"
     truncate(damaged)
     before = digest(root)
@@ -146,7 +148,7 @@ def test_garbage_pointers_are_rebuilt_and_never_break_saves(one_epoch_run, tmp_p
     if content is not None:
         assert sum("damaged or stale pointer file" in line for line in dwnet_log) == 2, dwnet_log
     trainer.cfg.checkpoint.keep_last = 1
-    assert trainer.save(suffix="again") == "step_00000016.again"  # saves and prunes: a garbage `best` crashed it
+    assert trainer.checkpointer.save(suffix="again") == "step_00000016.again"  # saves and prunes: a garbage `best` crashed it
     assert checkpointing.read_pointer(str(root), "latest") == "step_00000016.again"
     assert checkpointing.read_pointer(str(root), "best") == best and (root / best).is_dir()  # rebuilt, spared
 
@@ -249,7 +251,7 @@ def test_save_on_a_full_disk_says_so_and_removes_the_half_written_tag(one_epoch_
 
     trainer.engine.save_checkpoint = disk_full
     with pytest.raises(checkpoint_space.CheckpointSpaceError) as err:
-        trainer.save(suffix="full")
+        trainer.checkpointer.save(suffix="full")
     line = str(err.value)
     assert "\n" not in line and f"checkpoint {root / 'step_00000016.full'} not written: no space left" in line
     assert " free, the last tag step_00000016 takes " in line and "half-written tag was removed" in line

@@ -22,8 +22,8 @@ from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset
 from dwnet.config import RunConfig  # noqa: E402
 from dwnet.distributed import free_port  # noqa: E402
 from dwnet.engine import Trainer, TrainingDiverged  # noqa: E402
-from dwnet.engine import checkpointing  # noqa: E402
-from dwnet.engine.export import export_official, read_client_state  # noqa: E402
+from dwnet.checkpoint import checkpointing, layout  # noqa: E402
+from dwnet.checkpoint.export import export_official, read_client_state  # noqa: E402
 from dwnet.engine.metrics import evaluate  # noqa: E402
 from dwnet.engine.optim import build_scheduler, param_groups, scaled_lrs  # noqa: E402
 from dwnet.models import DWNet  # noqa: E402
@@ -196,8 +196,8 @@ def test_bf16_instability_rolls_back_and_continues_in_fp32(tmp_path, process_gro
     assert p.history[0]["from"] == "bf16" and p.history[0]["to"] == "fp32"
     assert trainer.engine.bfloat16_enabled() is False
     assert math.isfinite(final["train_loss"]) and p.epoch == 2
-    root = checkpointing.checkpoint_root(str(tmp_path))
-    assert checkpointing.read_meta(root, checkpointing.newest_complete_tag(root))["precision"] == "fp32"
+    root = layout.checkpoint_root(str(tmp_path))
+    assert layout.TagMeta.read(root, layout.newest_complete_tag(root)).precision == "fp32"
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[-1].split(",")[2] == "fp32"
 
@@ -215,7 +215,7 @@ def test_rollback_restores_the_checkpoint_ema_with_the_weights(tmp_path, process
 
     trainer = make_trainer(tmp_path, "engine.ema=true", "engine.ema_decay=0.9", "checkpoint.every_steps=8",
                            "engine.nonfinite_max_skips=3", "engine.nonfinite_window=10", poison=nan_on_some_batches)
-    root = checkpointing.checkpoint_root(str(tmp_path))
+    root = layout.checkpoint_root(str(tmp_path))
     recover, restored = trainer._roll_back, {}
 
     def recover_and_record(why: str) -> None:
@@ -265,14 +265,14 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, process_group):
 
 
 def test_export_loads_in_timm_with_same_outputs(tmp_path, process_group, monkeypatch):
-    import dwnet.engine.export as export
+    import dwnet.checkpoint.export as export
 
     trainer = make_trainer(tmp_path, "optim.epochs=1")
     trainer.fit()
-    root = checkpointing.checkpoint_root(str(tmp_path))
+    root = layout.checkpoint_root(str(tmp_path))
     reads = []
     monkeypatch.setattr(export, "read_client_state", lambda *a: reads.append(a) or read_client_state(*a))
-    out = export_official(root, checkpointing.newest_complete_tag(root), str(tmp_path / "dwnet_femto_fp32.pth"))
+    out = export_official(root, layout.newest_complete_tag(root), str(tmp_path / "dwnet_femto_fp32.pth"))
     assert len(reads) == 1  # the model-states file holds the whole module: read it once
     payload = torch.load(out, weights_only=True)
     assert set(payload) >= {"model", "epoch", "max_accuracy"} and payload["epoch"] == 1
@@ -287,9 +287,9 @@ def test_export_loads_in_timm_with_same_outputs(tmp_path, process_group, monkeyp
 def test_checkpoint_without_complete_marker_is_never_resumed(tmp_path, process_group):
     trainer = make_trainer(tmp_path, "optim.epochs=1", "checkpoint.every_steps=4")
     trainer.fit()
-    root = checkpointing.checkpoint_root(str(tmp_path))
-    newest = checkpointing.newest_complete_tag(root)
-    os.remove(os.path.join(root, newest, checkpointing.COMPLETE))  # as if killed mid-save
+    root = layout.checkpoint_root(str(tmp_path))
+    newest = layout.newest_complete_tag(root)
+    os.remove(os.path.join(root, newest, layout.COMPLETE))  # as if killed mid-save
     resumed = make_trainer(tmp_path, "optim.epochs=1", "checkpoint.every_steps=4")
     assert resumed.resume_tag is not None and resumed.resume_tag < newest
 

@@ -6,7 +6,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from dwnet.config import AugmentConfig, ConfigError, DataConfig
+from dwnet.config import AugmentConfig, DataConfig
 from dwnet.errors import DataError
 
 from .augment import BatchAugment, normalize
@@ -14,7 +14,7 @@ from .beton_check import check_structure
 from .beton_format import IGNORE_LABEL
 from .readers import TrainReader, ValReader
 from .rng import derive_key
-from .sharding import StepLayout, steps_per_epoch, train_epoch_indices, val_rank_indices
+from .sharding import StepLayout, check_enough_samples, steps_per_epoch, train_epoch_indices, val_rank_indices
 
 _EPOCH, _BATCH = 0x45, 0x42
 
@@ -113,16 +113,15 @@ def beton_size(path: str, split: str) -> int:
 
 
 def build_train_loader(data: DataConfig, augment: AugmentConfig, *, num_classes: int, rank: int, world_size: int,
-                       seed: int, device: torch.device, channels_last: bool = False) -> TrainLoader:
+                       seed: int, device: torch.device, channels_last: bool = False,
+                       layout: StepLayout | None = None) -> TrainLoader:
+    """`layout`: the run's optimizer step (the Trainer's), for the check that the data fill one."""
     _check_world(rank, world_size)
     device = torch.device(device)
     batch_augment = BatchAugment(augment, image_size=data.image_size, num_classes=num_classes,
                                  batch_size=data.batch_size, device=device)
     size, reader = _train_source(data, augment, device)
-    if steps_per_epoch(size, data.batch_size * world_size) == 0:
-        raise ConfigError(f"data.batch_size={data.batch_size} is larger than a rank's share of data.train_path="
-                          f"{data.train_path} ({size} samples over {world_size} rank(s): {size // world_size} each); "
-                          f"lower data.batch_size to at most {max(1, size // world_size)}")
+    check_enough_samples(size, layout or StepLayout(data.batch_size, world_size, 1), data.train_path)
     return TrainLoader(reader, batch_augment, dataset_size=size, batch_size=data.batch_size, seed=seed,
                        rank=rank, world_size=world_size, channels_last=channels_last)
 
