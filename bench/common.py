@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 # Benchmarks run as `python bench/x.py` from the repository root: make `dwnet` importable.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

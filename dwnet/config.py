@@ -152,7 +152,7 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
             pass
     if annotation is str and value is None:
         return ""
-    if annotation in (int, float, str, bool) and not (type(value) is annotation):
+    if annotation in (int, float, str, bool) and type(value) is not annotation:
         raise ConfigError(f"{source}: {key} must be {annotation.__name__}, got {value!r} "
                           f"({type(value).__name__}); write e.g. {key}={_example(annotation)}")
     return value

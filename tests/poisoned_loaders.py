@@ -7,7 +7,7 @@ loop just before a batch reaches the model: at batch b the model holds the state
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

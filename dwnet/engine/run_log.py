@@ -10,7 +10,8 @@ import math
 import os
 import platform
 import sys
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 import yaml

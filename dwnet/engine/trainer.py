@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import deepspeed
 import torch
