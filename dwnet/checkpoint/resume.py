@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from dwnet.config import RunConfig, global_batch_size
+from dwnet.config import RunConfig
+from dwnet.data.sharding import StepLayout
 from dwnet.errors import UserError
 
 from . import checkpointing, universal
@@ -28,7 +29,7 @@ class ResumeMismatchError(UserError):
 def identity(cfg: RunConfig, world_size: int, train_samples: int) -> dict:
     """What a checkpoint of this run records about it (in COMPLETE) for a resume to compare."""
     return {"model": cfg.model.name, "num_classes": cfg.model.num_classes,
-            "global_batch": global_batch_size(cfg, world_size), "batch_size": cfg.data.batch_size,
+            "global_batch": StepLayout.of(cfg, world_size).global_batch, "batch_size": cfg.data.batch_size,
             "world_size": world_size, "accumulation_steps": cfg.optim.accumulation_steps,
             "train_samples": train_samples, "zero_stage": cfg.engine.zero_stage, "epochs": cfg.optim.epochs}
 
@@ -108,11 +109,12 @@ def plan_resume(cfg: RunConfig, root: str, tag: str, world_size: int, new_global
                 f"0 cannot carry the optimizer state; set engine.zero_stage={old_stage} to resume")
         notes.append(f"engine.zero_stage {old_stage} -> {stage}: optimizer state resharded")
     old_world = saved.get("world_size", world_size)
-    old_global = saved.get("global_batch", global_batch_size(cfg, world_size))
-    per_step = cfg.data.batch_size * world_size  # samples one micro-step takes over all ranks
+    global_batch = StepLayout.of(cfg, world_size).global_batch
+    old_global = saved.get("global_batch", global_batch)
+    per_step = StepLayout(cfg.data.batch_size, world_size, 1).global_batch  # one micro-step over all ranks
     if new_global_batch:
-        if old_global != global_batch_size(cfg, world_size):
-            notes.append(f"global batch {old_global} -> {global_batch_size(cfg, world_size)} (--new-global-batch): "
+        if old_global != global_batch:
+            notes.append(f"global batch {old_global} -> {global_batch} (--new-global-batch): "
                          "learning rate rescaled, steps per epoch recomputed")
     elif old_global % per_step:
         raise ResumeMismatchError(_cannot_keep(where, saved, cfg, world_size, old_global))
@@ -150,7 +152,7 @@ def _cannot_keep(where: str, saved: dict, cfg: RunConfig, world_size: int, old_g
     return (f"{where} was saved with global batch {old_global} (data.batch_size={saved.get('batch_size')} x "
             f"{saved.get('world_size')} ranks x optim.accumulation_steps={saved.get('accumulation_steps')}); this "
             f"run cannot keep it ({why}): {options}, or pass --new-global-batch to continue with global batch "
-            f"{global_batch_size(cfg, world_size)} (learning rate rescaled)")
+            f"{StepLayout.of(cfg, world_size).global_batch} (learning rate rescaled)")
 
 
 def find_resume_tag(root: str, rank: int, world_size: int, log: Log) -> str | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dwnet.config import ConfigError
+from dwnet.config import ConfigError, RunConfig
 
 from .rng import derive_key
 
@@ -32,8 +32,14 @@ class StepLayout:
     world_size: int
     accumulation_steps: int
 
+    @classmethod
+    def of(cls, cfg: RunConfig, world_size: int) -> StepLayout:
+        """The optimizer step of `cfg` on `world_size` ranks."""
+        return cls(cfg.data.batch_size, world_size, cfg.optim.accumulation_steps)
+
     @property
     def global_batch(self) -> int:
+        """Samples per optimizer step: the one formula of the global batch."""
         return self.batch_size * self.world_size * self.accumulation_steps
 
     @property

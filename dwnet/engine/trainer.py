@@ -77,7 +77,7 @@ class Trainer:
                 cfg = dataclasses.replace(cfg, optim=dataclasses.replace(
                     cfg.optim, accumulation_steps=plan.accumulation_steps))
         self.cfg = cfg
-        self.layout = StepLayout(cfg.data.batch_size, world_size, cfg.optim.accumulation_steps)
+        self.layout = StepLayout.of(cfg, world_size)
         self._build_data(train_loader, val_loader)
         self.guard = StepGuard(world_size, cfg.engine.nonfinite_max_skips, cfg.engine.nonfinite_window)
         self.checkpointer = RunCheckpointer(
