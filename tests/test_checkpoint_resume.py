@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import engine_worker  # noqa: E402
 from engine_worker import weights  # noqa: E402
 from launch_harness import clean_env  # noqa: E402
+from rank_helpers import Crash, crash_at  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
 from dwnet.checkpoint import checkpointing, layout  # noqa: E402
@@ -83,13 +84,7 @@ def test_damaged_newest_tag_is_moved_aside_and_resume_ends_bit_identical(tmp_pat
     reference = make_trainer(tmp_path / "ref", "checkpoint.every_steps=3", n=128)  # 8 steps per epoch
     reference.fit()
 
-    class Crash(Exception):
-        pass
-
-    def crash_mid_epoch(epoch, batch, images):
-        if (epoch, batch) == (1, 4):  # the newest tag is step 12, the one before it step 9
-            raise Crash()
-        return images
+    crash_mid_epoch = crash_at(1, 4)  # the newest tag is step 12, the one before it step 9
 
     with pytest.raises(Crash):
         make_trainer(tmp_path / "run", "checkpoint.every_steps=3", poison=crash_mid_epoch, n=128).fit()
@@ -106,7 +101,7 @@ def test_damaged_newest_tag_is_moved_aside_and_resume_ends_bit_identical(tmp_pat
     assert checkpointing.read_pointer(str(root), "latest") == "step_00000009"
     resumed.fit()
     assert (root / "step_00000012.damaged").is_dir()  # pruning and later saves leave it alone
-    for (name, a), b in zip(weights(reference).items(), weights(resumed).values()):
+    for (name, a), b in zip(weights(reference).items(), weights(resumed).values(), strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
 
 

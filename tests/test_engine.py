@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import engine_worker  # noqa: E402
 from engine_worker import weights  # noqa: E402
 from launch_harness import clean_env  # noqa: E402
+from rank_helpers import Crash, crash_at  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
 from dwnet.config import RunConfig  # noqa: E402
@@ -79,7 +80,7 @@ def test_gradient_accumulation_matches_large_batch(tmp_path, process_group):
         acc.engine.backward(acc.loss_fn(acc.engine(images[half]), labels[half]))
         if half.start == 0:
             acc.engine.step()  # a micro-step: no update, only the accumulation counter moves
-    for (name, a), b in zip(big.engine.module.named_parameters(), acc.engine.module.parameters()):
+    for (name, a), b in zip(big.engine.module.named_parameters(), acc.engine.module.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-7, rtol=1e-4, msg=name)
 
     big = make_trainer(tmp_path / "big2", "optim.epochs=1", batch_size=32, model_factory=per_sample_norm_model)
@@ -88,7 +89,7 @@ def test_gradient_accumulation_matches_large_batch(tmp_path, process_group):
     big.fit()
     acc.fit()
     assert big.progress.step == acc.progress.step == 8  # 256 / 32
-    for (name, a), b in zip(weights(big).items(), weights(acc).values()):
+    for (name, a), b in zip(weights(big).items(), weights(acc).values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=name)
 
 
@@ -245,13 +246,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, process_group):
     reference = make_trainer(tmp_path / "ref", "checkpoint.every_steps=3")
     reference.fit()
 
-    class Crash(Exception):
-        pass
-
-    def crash_mid_epoch(epoch, batch, images):
-        if (epoch, batch) == (1, 4):  # 16 + 4 steps done; the last checkpoint is step 18 (epoch 1, batch 2)
-            raise Crash()
-        return images
+    crash_mid_epoch = crash_at(1, 4)  # 16 + 4 steps done; the last checkpoint is step 18 (epoch 1, batch 2)
 
     crashed = make_trainer(tmp_path / "run", "checkpoint.every_steps=3", poison=crash_mid_epoch)
     with pytest.raises(Crash):
@@ -260,7 +255,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, process_group):
     assert resumed.resume_tag == "step_00000018"
     assert (resumed.progress.epoch, resumed.progress.step_in_epoch) == (1, 2)
     resumed.fit()
-    for (name, a), b in zip(weights(reference).items(), weights(resumed).values()):
+    for (name, a), b in zip(weights(reference).items(), weights(resumed).values(), strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
 
 
@@ -320,7 +315,7 @@ def test_ema_is_evaluated_saved_and_restored(tmp_path, process_group):
     assert any(not torch.equal(p.float(), live[n].float()) for n, p in trainer.ema.module.named_parameters())
     resumed = make_trainer(tmp_path, "engine.ema=true", "engine.ema_decay=0.9", "engine.precision=bf16",
                            "engine.zero_stage=2", "optim.epochs=2")
-    for a, b in zip(trainer.ema.module.state_dict().values(), resumed.ema.module.state_dict().values()):
+    for a, b in zip(trainer.ema.module.state_dict().values(), resumed.ema.module.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 

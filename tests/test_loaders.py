@@ -50,7 +50,7 @@ def with_augment(loader: TrainLoader, augment: AugmentConfig, channels_last: boo
 
 def same(first, second) -> bool:
     return len(first) == len(second) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-                                             for a, b in zip(first, second))
+                                             for a, b in zip(first, second, strict=True))
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import engine_worker  # noqa: E402
 from launch_harness import REPO, clean_env  # noqa: E402
 from poisoned_loaders import Poisoned, all_finite, changed, model_state  # noqa: E402
+from rank_helpers import Crash, crash_at, set_rank_env  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
 from dwnet.distributed import free_port  # noqa: E402
@@ -185,9 +186,7 @@ def test_overflow_only_in_batchnorm_statistics_is_skipped(tmp_path, process_grou
 
 # ---- several ranks ----------------------------------------------------------------------------------
 def only_rank1_sees_nan(rank: int, world_size: int, port: int, out_dir: str, betons: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", LOCAL_WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
+    set_rank_env(rank, world_size, port)
     from dwnet.data import build_train_loader, build_val_loader
     from dwnet.distributed import init_distributed
 
@@ -392,12 +391,7 @@ def test_an_episode_stays_open_across_a_crash_and_resume(tmp_path, process_group
     step 6 is still inside the episode (window 4), so it is marked too and never a rollback target."""
     images, labels = synthetic_dataset(128)
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_batch_5(epoch, batch):
-        if (epoch, batch) == (0, 5):
-            raise Crash()
+    crash_at_batch_5 = crash_at(0, 5)
 
     def trainer_for(observe=None):
         cfg = engine_worker.tiny_run_config(str(tmp_path), "checkpoint.every_steps=2", "checkpoint.keep_last=20",
