@@ -23,8 +23,7 @@ from launch_harness import clean_env  # noqa: E402
 from rank_helpers import Crash, crash_at  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
-from dwnet.checkpoint import checkpointing, layout  # noqa: E402
-from dwnet.checkpoint import space as checkpoint_space  # noqa: E402
+from dwnet.checkpoint import checkpointing, layout, space  # noqa: E402
 from dwnet.engine import ResumeMismatchError, Trainer  # noqa: E402
 from dwnet.checkpoint.layout import DamagedCheckpointError  # noqa: E402
 from dwnet.checkpoint.export import resolve_tag  # noqa: E402
@@ -245,7 +244,7 @@ def test_save_on_a_full_disk_says_so_and_removes_the_half_written_tag(one_epoch_
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3504064 vs 3503956")
 
     trainer.engine.save_checkpoint = disk_full
-    with pytest.raises(checkpoint_space.CheckpointSpaceError) as err:
+    with pytest.raises(space.CheckpointSpaceError) as err:
         trainer.checkpointer.save(suffix="full")
     line = str(err.value)
     assert "\n" not in line and f"checkpoint {root / 'step_00000016.full'} not written: no space left" in line
@@ -272,10 +271,10 @@ def test_preflight_names_the_space_shortfall_for_two_tags(one_epoch_run, tmp_pat
     from dwnet.preflight import PreflightError, run_preflight
 
     cfg = engine_worker.tiny_run_config(str(one_epoch_run))
-    needed, basis = checkpoint_space.space_for_two_tags(cfg)
+    needed, basis = space.space_for_two_tags(cfg)
     root = str(one_epoch_run / "checkpoints")
-    assert needed == 2 * checkpoint_space.tag_size(root, "step_00000016") and basis == "the newest tag step_00000016"
-    fresh_needed, fresh_basis = checkpoint_space.space_for_two_tags(engine_worker.tiny_run_config(str(tmp_path / "new")))
+    assert needed == 2 * space.tag_size(root, "step_00000016") and basis == "the newest tag step_00000016"
+    fresh_needed, fresh_basis = space.space_for_two_tags(engine_worker.tiny_run_config(str(tmp_path / "new")))
     assert fresh_needed > 0 and "parameters with their optimizer state" in fresh_basis
     run_preflight([], [str(tmp_path)], hostfile="", space_needed={str(tmp_path): (1024, basis)})  # room: passes
 
