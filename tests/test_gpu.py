@@ -95,8 +95,8 @@ class DeviceLoader:
     def __getattr__(self, name):
         return getattr(self.loader, name)
 
-    def epoch(self, epoch: int, start_step: int = 0, *, accumulation_steps: int = 1):
-        for images, labels in self.loader.epoch(epoch, start_step, accumulation_steps=accumulation_steps):
+    def epoch(self, epoch: int, start_step: int = 0, *, layout=None):
+        for images, labels in self.loader.epoch(epoch, start_step, layout=layout):
             yield images.to(self.device), labels.to(self.device)
 
     def __iter__(self):

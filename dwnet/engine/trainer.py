@@ -117,7 +117,7 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         if self.train_loader is None:
             return 0
-        return self.train_loader.steps_per_epoch(self.layout.accumulation_steps)
+        return self.train_loader.steps_per_epoch(self.layout)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -196,13 +196,13 @@ class Trainer:
     def _train_epoch(self) -> dict:
         """The rest of the current epoch, from `progress.step_in_epoch`; its stats."""
         cfg, p = self.cfg, self.progress
-        accum = cfg.optim.accumulation_steps
+        accum = self.layout.accumulation_steps
         start = p.step_in_epoch
         self.engine.train()
         meter = EpochMeter(self.device, self.world_size)
         micro = 0
         with self.log.epoch_bar(p.epoch, self.steps_per_epoch, start, enabled=cfg.log.progress), \
-                contextlib.closing(self.train_loader.epoch(p.epoch, start, accumulation_steps=accum)) as batches:
+                contextlib.closing(self.train_loader.epoch(p.epoch, start, layout=self.layout)) as batches:
             for images, targets in batches:
                 meter.data_arrived()
                 self._seed_model_randomness(micro)
