@@ -12,7 +12,7 @@ from dwnet.atomic_io import atomic_open
 from dwnet.finite import check_state_dict
 
 from . import checkpointing
-from .layout import (COMPLETE, LATEST, BEST, MODEL_STATES_FILES, MODEL_STATES_SUFFIX, OPTIM_STATES_GLOB,
+from .layout import (BEST, COMPLETE, LATEST, MODEL_STATES_FILES, MODEL_STATES_SUFFIX, OPTIM_STATES_GLOB,
                      checkpoint_root, complete_tags)
 
 
