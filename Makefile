@@ -14,7 +14,7 @@ export DS_BUILD_OPS := 0
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup lint test test-fast demo bench clean
 
 setup: $(STAMP)
 
@@ -34,7 +34,10 @@ $(STAMP): pyproject.toml Makefile
 	  print('[setup] ok:', ', '.join(f'{p} {v(p)}' for p in ('torch', 'torchvision', 'timm', 'deepspeed', 'ffcv', 'mpi4py', 'onnxruntime')))" $(QUIET)
 	@touch $(STAMP)
 
-test: setup
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -v --timeout=1500 --durations=15 tests
 
 test-fast: setup

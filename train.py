@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         from dwnet.preflight import preflight_betons, run_preflight
 
         required = [p for p in (cfg.data.train_path, cfg.data.val_path) if p]
-        from dwnet.engine.checkpoint_space import space_for_two_tags
+        from dwnet.checkpoint.space import space_for_two_tags
 
         space = space_for_two_tags(cfg)
         run_preflight(required_files=required, writable_dirs=[cfg.checkpoint.dir], beton_files=preflight_betons(cfg),
@@ -113,9 +113,9 @@ def stop_in_one_line(message: str, env) -> None:
 
 
 def export(cfg, args: argparse.Namespace) -> int:
-    from dwnet.engine.checkpointing import checkpoint_root
-    from dwnet.engine.export import export_official, resolve_tag
-    from dwnet.engine.finite import NonFiniteModelError
+    from dwnet.checkpoint.layout import checkpoint_root
+    from dwnet.checkpoint.export import export_official, resolve_tag
+    from dwnet.finite import NonFiniteModelError
 
     tag = resolve_tag(cfg.checkpoint.dir, args.checkpoint_tag)
     try:
@@ -132,9 +132,9 @@ def evaluate(cfg, args: argparse.Namespace, env, device) -> int:
 
     from dwnet.data import build_val_loader
     from dwnet.models import build_model
-    from dwnet.engine.checkpointing import checkpoint_root
-    from dwnet.engine.export import consolidated_state_dict, resolve_tag
-    from dwnet.engine.finite import NonFiniteModelError, check_state_dict
+    from dwnet.checkpoint.layout import checkpoint_root
+    from dwnet.checkpoint.export import consolidated_state_dict, resolve_tag
+    from dwnet.finite import NonFiniteModelError, check_state_dict
     from dwnet.engine.metrics import evaluate as run_eval
     from dwnet.models import load_checkpoint, load_state_dict_checked
 

@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 # Benchmarks run as `python bench/x.py` from the repository root: make `dwnet` importable.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,7 @@ def interleaved_times(cases: dict[str, Callable[[], object]], *, repeats: int = 
     """
     # Imported here: dwnet.engine loads DeepSpeed, which fixes its accelerator at import, and the
     # benchmarks set DS_ACCELERATOR for their ranks after importing this module.
-    from dwnet.engine.throughput import seconds_per_call
+    from dwnet.timing import seconds_per_call
 
     for fn in cases.values():
         for _ in range(warmup):

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['backend_note']}")
     print(f"[gpu_check] gpu tests: {tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
           f"{tests.get('skipped', 0)} skipped" + "".join(f"\n  FAILED {k}: {v}" for k, v in tests.get("failures", {}).items()))
-    print(f"[gpu_check] steps: " + ", ".join(f"{k} {v['exit']} ({v['seconds']} s)" for k, v in report["steps"].items()))
+    print("[gpu_check] steps: " + ", ".join(f"{k} {v['exit']} ({v['seconds']} s)" for k, v in report["steps"].items()))
     print(f"[gpu_check] report: {os.path.join(args.out, 'gpu_check.json')}")
     return 1 if failed else 0
 

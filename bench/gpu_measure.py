@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
-from dwnet.engine.throughput import seconds_per_call, synchronize, timed
+from dwnet.timing import seconds_per_call, synchronize, timed
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), FLOP/s.
 DATASHEET_BF16_PEAK = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12}

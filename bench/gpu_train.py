@@ -24,7 +24,8 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from common import machine_info, table
 

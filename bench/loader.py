@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.images} JPEGs (~500x375; .beton write mode {args.write_mode}), {args.image_size}px, batch {args.batch}, {args.workers} workers, "
               f"{args.device}, batch augmentations {'on' if args.batch_augment else 'off'}, "
               f"{args.rounds} alternating epochs per loader after one warm-up epoch each")
-        for name, loader in loaders.items():  # warm-up: numba compilation, worker start, page cache
+        for loader in loaders.values():  # warm-up: numba compilation, worker start, page cache
             epoch_time(loader, 0, "float")
         times: dict[tuple[str, str], list[float]] = {}
         counts: dict[tuple[str, str], int] = {}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from common import interleaved_times, median, print_machine, round_ratios, spread, table, verdict
 

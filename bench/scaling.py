@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def worker(rank: int, world_size: int, threads: int, port: int, args: argparse.Namespace, out: str) -> None:
     set_rank_env(rank, world_size, port, DS_ACCELERATOR=args.device, DWNET_NUM_THREADS=str(threads))
     from dwnet.distributed import init_distributed
-    from dwnet.engine.throughput import timed  # after DS_ACCELERATOR is set: it loads DeepSpeed
+    from dwnet.timing import timed  # after DS_ACCELERATOR is set: it loads DeepSpeed
 
     init_distributed()
     engine, num_classes = build_engine(args.model, precision=args.precision, zero_stage=args.zero_stage,

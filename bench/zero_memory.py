@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for stage, v in per_stage.items():
             row = [f"ZeRO-{stage}", *(mib(v[c]) for c in IN_TOTAL), mib(totals[stage]), mib(v["buckets"])]
             if base:
-                P, G, O = base["params"], base["grads"], base["optim"]  # noqa: N806
+                P, G, O = base["params"], base["grads"], base["optim"]  # noqa: N806, E741
                 n = world_size
                 expected = {0: P + G + O, 1: P + G + O / n, 2: P + (G + O) / n, 3: (P + G + O) / n}[stage]
                 master = P / n if stage else 0  # DeepSpeed's fp32 weight partition, also in fp32 runs

@@ -44,7 +44,7 @@ class BetonWriter:
         self.page_used = 0
         self.fh = None
 
-    def __enter__(self) -> "BetonWriter":
+    def __enter__(self) -> BetonWriter:
         self.fh = open(self.path, "wb")
         self.fh.truncate(self.data_start)  # header and tables are written by finish(); zeros until then
         self.fh.seek(self.data_start)

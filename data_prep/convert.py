@@ -15,7 +15,7 @@ import glob
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
 

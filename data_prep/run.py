@@ -84,8 +84,8 @@ def _labels(request: ConvertRequest) -> dict[str, int]:
         class_to_idx = existing
     else:
         class_to_idx = class_index(request.splits["val"])
-        print(f"note: labels taken from the val tree's own folders; convert train first (or together) "
-              f"if val may lack classes, so indices match the train split", flush=True)
+        print("note: labels taken from the val tree's own folders; convert train first (or together) "
+              "if val may lack classes, so indices match the train split", flush=True)
     if existing is not None and existing != class_to_idx:
         raise ConvertError(f"{labels_path} lists a different class set than {request.splits.get('train', '')}; "
                            "use a fresh --out folder or delete the old labels.json and .beton files")

@@ -9,11 +9,19 @@ Where things live (one home per contract):
   BatchNorm fusion, FLOPs.
 - `data/`: FFCV and ImageFolder loaders (`loaders`, `readers`), the .beton format (`beton_format`),
   augmentations, the world-size-independent sample order (`sharding`).
-- `engine/`: the generated DeepSpeed config and dtypes (`ds_config`), AdamW groups and schedule
-  (`optim`), the `Trainer` loop (`trainer`) and its meters, the run's position (`progress`), saving,
-  restoring and rolling back (`run_state`), which tag to resume and how on this rank layout
-  (`resume`), resharding through DeepSpeed's universal checkpoint (`universal`), checkpoint files
-  (`checkpointing`, `checkpoint_space`), non-finite guards, throughput and its timing, export.
+- `engine/`: the training loop. The `Trainer` (`trainer`), its step guard (`step_guard`: a
+  non-finite step changes nothing, and the skip window decides when to roll back), AdamW groups
+  and schedule (`optim`), the generated DeepSpeed config and dtypes (`ds_config`), BatchNorm
+  momentum under accumulation (`bn_accumulation`), meters, evaluation (`metrics`), the run log,
+  progress bar and epoch report (`run_log`), throughput.
+- `checkpoint/`: everything a checkpoint is, never importing `engine/`. Names of tags, pointers and
+  DeepSpeed's files, the COMPLETE metadata (`TagMeta`) and sizes (`layout`, the leaf); saving,
+  loading, pruning and verifying tags (`checkpointing`); disk space (`space`); resharding through
+  DeepSpeed's universal checkpoint (`universal`); which tag to resume and how on this rank layout
+  (`resume`); the run's position (`progress`); `RunCheckpointer`, handed the Trainer's states:
+  save and when, restore, roll back (`run_checkpointer`); the fp32 export (`export`).
+- `finite`: is a model or checkpoint finite (shared by the step guard, saves, export and eval).
+- `timing`: the device clock of the package and of `bench/`.
 - `distributed/`: launcher discovery (`discovery`), process group and device binding
   (`process_group`), the fail-fast exit wrapper (`failfast`).
 - `preflight`: checks every rank runs before training.

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import IO, Iterator
+from typing import IO
+from collections.abc import Iterator
 
 
 def fsync_path(path: str) -> None:

@@ -13,11 +13,17 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from dwnet.errors import UserError
+
+# The closed choices of the schema: `validate` checks values against them (CHOICES).
+Backend = Literal["ffcv", "imagefolder"]
+MixupMode = Literal["batch", "pair", "elem"]
+Precision = Literal["fp32", "bf16", "fp16"]
+ZeroStage = Literal[0, 1, 2, 3]
 
 
 class ConfigError(UserError, ValueError):
@@ -39,7 +45,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    backend: str = field(default="ffcv", metadata={"help": "ffcv (.beton files) or imagefolder (torchvision, for comparison)"})
+    backend: Backend = field(default="ffcv", metadata={"help": "ffcv (.beton files) or imagefolder (torchvision, for comparison)"})
     train_path: str = field(default="", metadata={"help": "train .beton (ffcv) or ImageFolder directory"})
     val_path: str = field(default="", metadata={"help": "val .beton (ffcv) or ImageFolder directory"})
     image_size: int = field(default=224, metadata={"help": "train/eval resolution"})
@@ -60,7 +66,7 @@ class AugmentConfig:
     mixup: float = field(default=0.8, metadata={"help": "mixup alpha; 0 disables"})
     cutmix: float = field(default=1.0, metadata={"help": "cutmix alpha; 0 disables"})
     mixup_switch_prob: float = field(default=0.5, metadata={"help": "probability of cutmix when both are on"})
-    mixup_mode: str = field(default="batch", metadata={"help": "batch, pair or elem"})
+    mixup_mode: MixupMode = field(default="batch", metadata={"help": "batch, pair or elem"})
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing"})
 
 
@@ -81,8 +87,8 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
-    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (fp16 only on request: the base models diverge)"})
-    zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
+    precision: Precision = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (fp16 only on request: the base models diverge)"})
+    zero_stage: ZeroStage = field(default=0, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
     seed: int = field(default=0, metadata={"help": "global seed (data order, init, augmentation)"})
     deepspeed_config: str | None = field(default=None, metadata={"help": "extra DeepSpeed JSON/YAML merged over the generated one"})
     ema: bool = field(default=False, metadata={"help": "timm ModelEmaV3 of the weights (ZeRO 0-2)"})
@@ -120,12 +126,17 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    "data.backend": ("ffcv", "imagefolder"),
-    "engine.precision": ("fp32", "bf16", "fp16"),
-    "engine.zero_stage": (0, 1, 2, 3),
-    "augment.mixup_mode": ("batch", "pair", "elem"),
-}
+def _choices() -> dict[str, tuple]:
+    """Every `Literal` field of the schema: its key and allowed values."""
+    choices = {}
+    for section, cls in typing.get_type_hints(RunConfig).items():
+        for name, hint in typing.get_type_hints(cls).items():
+            if typing.get_origin(hint) is Literal:
+                choices[f"{section}.{name}"] = typing.get_args(hint)
+    return choices
+
+
+CHOICES = _choices()
 
 
 # ---- loading --------------------------------------------------------------------------------
@@ -133,6 +144,8 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
     """Checks/converts one value against its field type; raises a one-line ConfigError."""
     hint = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if hint is Literal:  # the type of its values here; which value, in `validate`
+        return _coerce(key, value, type(args[0]), source)
     if hint in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
             return None
@@ -152,7 +165,7 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
             pass
     if annotation is str and value is None:
         return ""
-    if annotation in (int, float, str, bool) and not (type(value) is annotation):
+    if annotation in (int, float, str, bool) and type(value) is not annotation:
         raise ConfigError(f"{source}: {key} must be {annotation.__name__}, got {value!r} "
                           f"({type(value).__name__}); write e.g. {key}={_example(annotation)}")
     return value
@@ -299,10 +312,6 @@ def _check_range(key: str, bounds: tuple[float, float], upper: float | None, exa
     if not (0 < low <= high and (upper is None or high <= upper)):
         fix = f"; swap them: [{high:g}, {low:g}]" if 0 < high <= low and (upper is None or low <= upper) else ""
         raise ConfigError(f"{key}={[low, high]} must be a range [low, high] with {limit}, e.g. {example}{fix}")
-
-
-def global_batch_size(cfg: RunConfig, world_size: int) -> int:
-    return cfg.data.batch_size * cfg.optim.accumulation_steps * world_size
 
 
 def describe_schema() -> str:

@@ -135,7 +135,7 @@ def _check_writable(directory: str) -> str | None:
 
 def _check_space(directory: str, needed: int, basis: str) -> str | None:
     """Room for two checkpoint tags: the next save is written before the oldest is pruned."""
-    from dwnet.engine.checkpoint_space import human_size
+    from dwnet.checkpoint.layout import human_size
 
     try:
         free = shutil.disk_usage(directory).free

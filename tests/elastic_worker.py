@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from engine_worker import tiny_run_config, weights  # noqa: E402
+from rank_helpers import set_rank_env  # noqa: E402
 from tensor_loaders import TensorTrainLoader, synthetic_dataset  # noqa: E402
 
 SAMPLES = 128  # 4 steps per epoch at global batch 32
@@ -82,9 +83,7 @@ def state(trainer) -> dict[str, object]:
 
 def main(rank: int, world_size: int, port: int, phase: str, out_dir: str, settings: list[str],
          extra: list[str]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", LOCAL_WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
+    set_rank_env(rank, world_size, port)
     from dwnet.distributed import init_distributed
 
     init_distributed()
@@ -102,6 +101,6 @@ def main(rank: int, world_size: int, port: int, phase: str, out_dir: str, settin
             trainer = make_trainer(run_dir, setting, rank, world_size, "optim.epochs=1", *extra)  # same schedule
             result = {**state(trainer), "resume_tag": trainer.resume_tag,
                       "accumulation_steps": trainer.cfg.optim.accumulation_steps}
-            trainer.save(suffix=f"w{world_size}")  # a tag of this world size, for the next resume
+            trainer.checkpointer.save(suffix=f"w{world_size}")  # a tag of this world size, for the next resume
         if rank == 0:
             torch.save(result, os.path.join(out_dir, f"{setting}.{phase}.pt"))

@@ -10,6 +10,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from rank_helpers import set_rank_env  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
 
@@ -54,9 +55,7 @@ def loss_curve(cfg, rank: int, world_size: int) -> dict:
 
 
 def main(rank: int, world_size: int, port: int, out_dir: str, settings: list[list[str]]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", LOCAL_WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
+    set_rank_env(rank, world_size, port)
     from dwnet.distributed import init_distributed
 
     init_distributed()

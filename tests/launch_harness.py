@@ -194,7 +194,7 @@ Host *
         wrapper.write_text(f'#!/bin/sh\n# test-only: every ssh goes to the loopback sshd\nexec {SSH} -F {self.config} "$@"\n')
         wrapper.chmod(0o755)
 
-    def start(self, attempts: int = 3) -> "LoopbackSSH":
+    def start(self, attempts: int = 3) -> LoopbackSSH:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation directory
         self._keys()
@@ -247,7 +247,7 @@ Host *
             pass
         self.proc = None
 
-    def __enter__(self) -> "LoopbackSSH":
+    def __enter__(self) -> LoopbackSSH:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -7,7 +7,7 @@ loop just before a batch reaches the model: at batch b the model holds the state
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -32,15 +32,16 @@ class Poisoned:
             return self.bad[key]
         return None
 
-    def steps_per_epoch(self, accumulation_steps: int = 1) -> int:
-        return self.loader.steps_per_epoch(accumulation_steps)
+    def steps_per_epoch(self, layout=None) -> int:
+        return self.loader.steps_per_epoch(layout)
 
     @property
     def dataset_size(self) -> int:
         return self.loader.dataset_size
 
-    def epoch(self, epoch: int, start_step: int = 0, *, accumulation_steps: int = 1):
-        batches = self.loader.epoch(epoch, start_step, accumulation_steps=accumulation_steps)
+    def epoch(self, epoch: int, start_step: int = 0, *, layout=None):
+        batches = self.loader.epoch(epoch, start_step, layout=layout)
+        accumulation_steps = layout.accumulation_steps if layout is not None else 1
         for batch, (images, targets) in enumerate(batches, start=start_step * accumulation_steps):
             if self.observe is not None:
                 self.observe(epoch, batch)

@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from engine_worker import tiny_run_config  # noqa: E402
+from rank_helpers import set_rank_env  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
 
@@ -24,9 +25,7 @@ def make_trainer(run_dir: str, rank: int, world_size: int):
 
 
 def main(rank: int, world_size: int, port: int, run_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", LOCAL_WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
+    set_rank_env(rank, world_size, port)
     import torch.distributed as dist
 
     from dwnet.distributed import init_distributed

@@ -26,16 +26,17 @@ class TensorTrainLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.dataset_size = len(images)
         self.poison = poison  # optional callable(epoch, micro_batch_index, images) -> images
+        self.layout = StepLayout(batch_size, world_size, 1)
 
-    def steps_per_epoch(self, accumulation_steps: int = 1) -> int:
-        return steps_per_epoch(self.dataset_size, StepLayout(self.batch_size, self.world_size,
-                                                             accumulation_steps).global_batch)
+    def steps_per_epoch(self, layout: StepLayout | None = None) -> int:
+        return steps_per_epoch(self.dataset_size, (layout or self.layout).global_batch)
 
     def __len__(self) -> int:
         return self.steps_per_epoch()
 
-    def epoch(self, epoch: int, start_step: int = 0, *, accumulation_steps: int = 1):
-        layout = StepLayout(self.batch_size, self.world_size, accumulation_steps)
+    def epoch(self, epoch: int, start_step: int = 0, *, layout: StepLayout | None = None):
+        layout = layout or self.layout
+        accumulation_steps = layout.accumulation_steps
         mine = torch.from_numpy(train_epoch_indices(self.dataset_size, seed=self.seed, epoch=epoch, layout=layout,
                                                     rank=self.rank, start_step=start_step))
         for position, idx in enumerate(mine.split(self.batch_size), start=start_step * accumulation_steps):

@@ -20,11 +20,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 import engine_worker  # noqa: E402
 from engine_worker import weights  # noqa: E402
 from launch_harness import clean_env  # noqa: E402
+from rank_helpers import Crash, crash_at  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
-from dwnet.engine import ResumeMismatchError, Trainer, checkpoint_space, checkpointing  # noqa: E402
-from dwnet.engine.checkpointing import DamagedCheckpointError  # noqa: E402
-from dwnet.engine.export import resolve_tag  # noqa: E402
+from dwnet.checkpoint import checkpointing, layout, space  # noqa: E402
+from dwnet.engine import ResumeMismatchError, Trainer  # noqa: E402
+from dwnet.checkpoint.layout import DamagedCheckpointError  # noqa: E402
+from dwnet.checkpoint.export import resolve_tag  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,17 +83,11 @@ def test_damaged_newest_tag_is_moved_aside_and_resume_ends_bit_identical(tmp_pat
     reference = make_trainer(tmp_path / "ref", "checkpoint.every_steps=3", n=128)  # 8 steps per epoch
     reference.fit()
 
-    class Crash(Exception):
-        pass
-
-    def crash_mid_epoch(epoch, batch, images):
-        if (epoch, batch) == (1, 4):  # the newest tag is step 12, the one before it step 9
-            raise Crash()
-        return images
+    crash_mid_epoch = crash_at(1, 4)  # the newest tag is step 12, the one before it step 9
 
     with pytest.raises(Crash):
         make_trainer(tmp_path / "run", "checkpoint.every_steps=3", poison=crash_mid_epoch, n=128).fit()
-    root = Path(checkpointing.checkpoint_root(str(tmp_path / "run")))
+    root = Path(layout.checkpoint_root(str(tmp_path / "run")))
     damaged = root / "step_00000012" / "mp_rank_00_model_states.pt"
     truncate(damaged)
     before = digest(root / "step_00000012")
@@ -104,13 +100,13 @@ def test_damaged_newest_tag_is_moved_aside_and_resume_ends_bit_identical(tmp_pat
     assert checkpointing.read_pointer(str(root), "latest") == "step_00000009"
     resumed.fit()
     assert (root / "step_00000012.damaged").is_dir()  # pruning and later saves leave it alone
-    for (name, a), b in zip(weights(reference).items(), weights(resumed).values()):
+    for (name, a), b in zip(weights(reference).items(), weights(resumed).values(), strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
 
 
 def test_damaged_tag_named_by_eval_and_export(one_epoch_run, tmp_path):
     run_dir = copy_run(one_epoch_run, tmp_path / "run")
-    root = Path(checkpointing.checkpoint_root(str(run_dir)))
+    root = Path(layout.checkpoint_root(str(run_dir)))
     damaged = root / "step_00000016" / "mp_rank_00_model_states.pt"
     truncate(damaged)
     before = digest(root)
@@ -146,7 +142,7 @@ def test_garbage_pointers_are_rebuilt_and_never_break_saves(one_epoch_run, tmp_p
     if content is not None:
         assert sum("damaged or stale pointer file" in line for line in dwnet_log) == 2, dwnet_log
     trainer.cfg.checkpoint.keep_last = 1
-    assert trainer.save(suffix="again") == "step_00000016.again"  # saves and prunes: a garbage `best` crashed it
+    assert trainer.checkpointer.save(suffix="again") == "step_00000016.again"  # saves and prunes: a garbage `best` crashed it
     assert checkpointing.read_pointer(str(root), "latest") == "step_00000016.again"
     assert checkpointing.read_pointer(str(root), "best") == best and (root / best).is_dir()  # rebuilt, spared
 
@@ -248,8 +244,8 @@ def test_save_on_a_full_disk_says_so_and_removes_the_half_written_tag(one_epoch_
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3504064 vs 3503956")
 
     trainer.engine.save_checkpoint = disk_full
-    with pytest.raises(checkpoint_space.CheckpointSpaceError) as err:
-        trainer.save(suffix="full")
+    with pytest.raises(space.CheckpointSpaceError) as err:
+        trainer.checkpointer.save(suffix="full")
     line = str(err.value)
     assert "\n" not in line and f"checkpoint {root / 'step_00000016.full'} not written: no space left" in line
     assert " free, the last tag step_00000016 takes " in line and "half-written tag was removed" in line
@@ -275,10 +271,10 @@ def test_preflight_names_the_space_shortfall_for_two_tags(one_epoch_run, tmp_pat
     from dwnet.preflight import PreflightError, run_preflight
 
     cfg = engine_worker.tiny_run_config(str(one_epoch_run))
-    needed, basis = checkpoint_space.space_for_two_tags(cfg)
+    needed, basis = space.space_for_two_tags(cfg)
     root = str(one_epoch_run / "checkpoints")
-    assert needed == 2 * checkpoint_space.tag_size(root, "step_00000016") and basis == "the newest tag step_00000016"
-    fresh_needed, fresh_basis = checkpoint_space.space_for_two_tags(engine_worker.tiny_run_config(str(tmp_path / "new")))
+    assert needed == 2 * space.tag_size(root, "step_00000016") and basis == "the newest tag step_00000016"
+    fresh_needed, fresh_basis = space.space_for_two_tags(engine_worker.tiny_run_config(str(tmp_path / "new")))
     assert fresh_needed > 0 and "parameters with their optimizer state" in fresh_basis
     run_preflight([], [str(tmp_path)], hostfile="", space_needed={str(tmp_path): (1024, basis)})  # room: passes
 

@@ -1,10 +1,18 @@
 """Configuration: published defaults, YAML + overrides, and one-line errors naming key and fix."""
 import json
+import math
+from pathlib import Path
 
 import pytest
+import yaml
 
 from dwnet.config import ConfigError, RunConfig, describe_schema, load_config
 from dwnet.engine.ds_config import build_deepspeed_config
+from dwnet.models import PUBLISHED_MODELS
+
+# The published models' recipes are named after them.
+RECIPES = sorted(p for p in (Path(__file__).resolve().parents[1] / "ds_configs").glob("*.yaml")
+                 if p.stem in PUBLISHED_MODELS)
 
 
 def test_defaults_are_the_published_recipe():
@@ -108,18 +116,35 @@ def test_user_deepspeed_file_merges_but_cannot_contradict(tmp_path):
         build_deepspeed_config(cfg, 1, cfg.engine.precision)
 
 
-def test_schema_reference_lists_every_key():
-    table = describe_schema()
-    for section, values in RunConfig().to_dict().items():
-        for key in values:
-            assert f"`{section}.{key}`" in table
+def test_schema_reference_has_one_row_per_key_with_its_default_and_a_meaning():
+    rows = {}
+    for line in describe_schema().splitlines()[2:]:
+        key, default, meaning = (cell.strip() for cell in line.strip("|").split("|"))
+        assert key not in rows, f"{key} listed twice"
+        rows[key] = (default.strip("`"), meaning)
+    flat = {f"`{s}.{k}`": v for s, values in RunConfig().to_dict().items() for k, v in values.items()}
+    assert set(rows) == set(flat)
+    for key, value in flat.items():
+        shown, meaning = rows[key]
+        assert meaning, f"{key} has no help text"
+        parsed = yaml.safe_load(shown)  # what a user copying the default into a config would get
+        expected = list(value) if isinstance(value, tuple) else value
+        if isinstance(expected, list):
+            assert parsed == pytest.approx(expected, rel=1e-5), key
+        elif isinstance(expected, float):
+            assert math.isclose(float(parsed), expected), key
+        else:
+            assert parsed == expected, key
 
 
-@pytest.mark.parametrize("path", ["ds_configs/dwnet_tiny.yaml", "ds_configs/dynamic_dwnet_tiny.yaml",
-                                  "ds_configs/dwnet_base.yaml", "ds_configs/dynamic_dwnet_base.yaml"])
+def test_every_published_model_has_a_recipe():
+    assert sorted(p.stem for p in RECIPES) == sorted(PUBLISHED_MODELS)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipes_load(path):
     cfg = load_config(path)
-    base = "base" in path
+    base = "base" in path.stem
     assert cfg.data.batch_size == (64 if base else 128)
     assert cfg.engine.precision == ("fp32" if base else "bf16")
 

@@ -545,8 +545,8 @@ def test_real_training_through_each_launcher_gives_the_same_weights(tmp_path, di
     deepspeed+pdsh over the loopback sshd, deepspeed --launcher openmpi, plain mpirun and torchrun: each run
     has both ranks (world size 2 in its log; one rank alone would see other batches and end with
     other weights), writes one complete checkpoint, and all four end with identical weights."""
-    from dwnet.engine.checkpointing import checkpoint_root, complete_tags
-    from dwnet.engine.export import consolidated_state_dict
+    from dwnet.checkpoint.layout import checkpoint_root, complete_tags
+    from dwnet.checkpoint.export import consolidated_state_dict
 
     weights = {}
     for launcher in ("deepspeed-pdsh", "deepspeed-openmpi", "mpirun", "torchrun"):

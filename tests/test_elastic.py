@@ -16,8 +16,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import elastic_worker  # noqa: E402
 
 from dwnet.distributed import free_port  # noqa: E402
-from dwnet.engine import ResumeMismatchError, checkpointing, universal  # noqa: E402
-from dwnet.engine.resume import plan_resume  # noqa: E402
+from dwnet.checkpoint import checkpointing, layout, universal  # noqa: E402
+from dwnet.engine import ResumeMismatchError  # noqa: E402
+from dwnet.checkpoint.resume import plan_resume  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test here trains on 1-4 ranks through torch.multiprocessing
 SETTINGS = ["z0_fp32", "z1_fp32", "z2_fp32", "z3_fp32", "z0_bf16", "z2_bf16", "z3_bf16"]
@@ -227,5 +228,5 @@ def test_a_global_batch_that_cannot_be_kept_names_the_world_sizes_that_can(saved
     assert plan.accumulation_steps == 1 and plan.reshard
     assert plan.announcements == ["world size 2 -> 4: accumulation 2 -> 1, global batch 32 kept"]
     assert sorted(os.listdir(os.path.join(root, "step_00000004"))) == before
-    assert checkpointing.newest_complete_tag(root) == "step_00000004"
+    assert layout.newest_complete_tag(root) == "step_00000004"
 

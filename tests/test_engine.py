@@ -17,13 +17,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 import engine_worker  # noqa: E402
 from engine_worker import weights  # noqa: E402
 from launch_harness import clean_env  # noqa: E402
+from rank_helpers import Crash, crash_at  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
 from dwnet.config import RunConfig  # noqa: E402
 from dwnet.distributed import free_port  # noqa: E402
 from dwnet.engine import Trainer, TrainingDiverged  # noqa: E402
-from dwnet.engine import checkpointing  # noqa: E402
-from dwnet.engine.export import export_official, read_client_state  # noqa: E402
+from dwnet.checkpoint import checkpointing, layout  # noqa: E402
+from dwnet.checkpoint.export import export_official, read_client_state  # noqa: E402
 from dwnet.engine.metrics import evaluate  # noqa: E402
 from dwnet.engine.optim import build_scheduler, param_groups, scaled_lrs  # noqa: E402
 from dwnet.models import DWNet  # noqa: E402
@@ -79,7 +80,7 @@ def test_gradient_accumulation_matches_large_batch(tmp_path, process_group):
         acc.engine.backward(acc.loss_fn(acc.engine(images[half]), labels[half]))
         if half.start == 0:
             acc.engine.step()  # a micro-step: no update, only the accumulation counter moves
-    for (name, a), b in zip(big.engine.module.named_parameters(), acc.engine.module.parameters()):
+    for (name, a), b in zip(big.engine.module.named_parameters(), acc.engine.module.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-7, rtol=1e-4, msg=name)
 
     big = make_trainer(tmp_path / "big2", "optim.epochs=1", batch_size=32, model_factory=per_sample_norm_model)
@@ -88,7 +89,7 @@ def test_gradient_accumulation_matches_large_batch(tmp_path, process_group):
     big.fit()
     acc.fit()
     assert big.progress.step == acc.progress.step == 8  # 256 / 32
-    for (name, a), b in zip(weights(big).items(), weights(acc).values()):
+    for (name, a), b in zip(weights(big).items(), weights(acc).values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=name)
 
 
@@ -196,8 +197,8 @@ def test_bf16_instability_rolls_back_and_continues_in_fp32(tmp_path, process_gro
     assert p.history[0]["from"] == "bf16" and p.history[0]["to"] == "fp32"
     assert trainer.engine.bfloat16_enabled() is False
     assert math.isfinite(final["train_loss"]) and p.epoch == 2
-    root = checkpointing.checkpoint_root(str(tmp_path))
-    assert checkpointing.read_meta(root, checkpointing.newest_complete_tag(root))["precision"] == "fp32"
+    root = layout.checkpoint_root(str(tmp_path))
+    assert layout.TagMeta.read(root, layout.newest_complete_tag(root)).precision == "fp32"
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[-1].split(",")[2] == "fp32"
 
@@ -215,7 +216,7 @@ def test_rollback_restores_the_checkpoint_ema_with_the_weights(tmp_path, process
 
     trainer = make_trainer(tmp_path, "engine.ema=true", "engine.ema_decay=0.9", "checkpoint.every_steps=8",
                            "engine.nonfinite_max_skips=3", "engine.nonfinite_window=10", poison=nan_on_some_batches)
-    root = checkpointing.checkpoint_root(str(tmp_path))
+    root = layout.checkpoint_root(str(tmp_path))
     recover, restored = trainer._roll_back, {}
 
     def recover_and_record(why: str) -> None:
@@ -245,13 +246,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, process_group):
     reference = make_trainer(tmp_path / "ref", "checkpoint.every_steps=3")
     reference.fit()
 
-    class Crash(Exception):
-        pass
-
-    def crash_mid_epoch(epoch, batch, images):
-        if (epoch, batch) == (1, 4):  # 16 + 4 steps done; the last checkpoint is step 18 (epoch 1, batch 2)
-            raise Crash()
-        return images
+    crash_mid_epoch = crash_at(1, 4)  # 16 + 4 steps done; the last checkpoint is step 18 (epoch 1, batch 2)
 
     crashed = make_trainer(tmp_path / "run", "checkpoint.every_steps=3", poison=crash_mid_epoch)
     with pytest.raises(Crash):
@@ -260,19 +255,19 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, process_group):
     assert resumed.resume_tag == "step_00000018"
     assert (resumed.progress.epoch, resumed.progress.step_in_epoch) == (1, 2)
     resumed.fit()
-    for (name, a), b in zip(weights(reference).items(), weights(resumed).values()):
+    for (name, a), b in zip(weights(reference).items(), weights(resumed).values(), strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
 
 
 def test_export_loads_in_timm_with_same_outputs(tmp_path, process_group, monkeypatch):
-    import dwnet.engine.export as export
+    import dwnet.checkpoint.export as export
 
     trainer = make_trainer(tmp_path, "optim.epochs=1")
     trainer.fit()
-    root = checkpointing.checkpoint_root(str(tmp_path))
+    root = layout.checkpoint_root(str(tmp_path))
     reads = []
     monkeypatch.setattr(export, "read_client_state", lambda *a: reads.append(a) or read_client_state(*a))
-    out = export_official(root, checkpointing.newest_complete_tag(root), str(tmp_path / "dwnet_femto_fp32.pth"))
+    out = export_official(root, layout.newest_complete_tag(root), str(tmp_path / "dwnet_femto_fp32.pth"))
     assert len(reads) == 1  # the model-states file holds the whole module: read it once
     payload = torch.load(out, weights_only=True)
     assert set(payload) >= {"model", "epoch", "max_accuracy"} and payload["epoch"] == 1
@@ -287,9 +282,9 @@ def test_export_loads_in_timm_with_same_outputs(tmp_path, process_group, monkeyp
 def test_checkpoint_without_complete_marker_is_never_resumed(tmp_path, process_group):
     trainer = make_trainer(tmp_path, "optim.epochs=1", "checkpoint.every_steps=4")
     trainer.fit()
-    root = checkpointing.checkpoint_root(str(tmp_path))
-    newest = checkpointing.newest_complete_tag(root)
-    os.remove(os.path.join(root, newest, checkpointing.COMPLETE))  # as if killed mid-save
+    root = layout.checkpoint_root(str(tmp_path))
+    newest = layout.newest_complete_tag(root)
+    os.remove(os.path.join(root, newest, layout.COMPLETE))  # as if killed mid-save
     resumed = make_trainer(tmp_path, "optim.epochs=1", "checkpoint.every_steps=4")
     assert resumed.resume_tag is not None and resumed.resume_tag < newest
 
@@ -320,7 +315,7 @@ def test_ema_is_evaluated_saved_and_restored(tmp_path, process_group):
     assert any(not torch.equal(p.float(), live[n].float()) for n, p in trainer.ema.module.named_parameters())
     resumed = make_trainer(tmp_path, "engine.ema=true", "engine.ema_decay=0.9", "engine.precision=bf16",
                            "engine.zero_stage=2", "optim.epochs=2")
-    for a, b in zip(trainer.ema.module.state_dict().values(), resumed.ema.module.state_dict().values()):
+    for a, b in zip(trainer.ema.module.state_dict().values(), resumed.ema.module.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 

@@ -95,8 +95,8 @@ class DeviceLoader:
     def __getattr__(self, name):
         return getattr(self.loader, name)
 
-    def epoch(self, epoch: int, start_step: int = 0, *, accumulation_steps: int = 1):
-        for images, labels in self.loader.epoch(epoch, start_step, accumulation_steps=accumulation_steps):
+    def epoch(self, epoch: int, start_step: int = 0, *, layout=None):
+        for images, labels in self.loader.epoch(epoch, start_step, layout=layout):
             yield images.to(self.device), labels.to(self.device)
 
     def __iter__(self):
@@ -172,7 +172,7 @@ def test_sync_batchnorm_engine_on_cuda(process_group, tmp_path):
     before = [m.running_mean.clone() for m in norms]
     trainer.fit()
     assert all(m.running_mean.dtype == torch.float32 for m in norms)
-    assert any(not torch.equal(b, m.running_mean) for b, m in zip(before, norms))
+    assert any(not torch.equal(b, m.running_mean) for b, m in zip(before, norms, strict=True))
     assert all(torch.isfinite(m.running_var).all() for m in norms)
 
 
@@ -308,7 +308,7 @@ def test_ffcv_loader_on_cuda_matches_cpu(digits_betons):
                for device in ("cpu", "cuda")}
     batches = {device: [(x.cpu(), y.cpu()) for x, y in loader.epoch(1)] for device, loader in loaders.items()}
     assert len(batches["cuda"]) == len(batches["cpu"]) > 2
-    for (x_gpu, y_gpu), (x_cpu, y_cpu) in zip(batches["cuda"], batches["cpu"]):
+    for (x_gpu, y_gpu), (x_cpu, y_cpu) in zip(batches["cuda"], batches["cpu"], strict=True):
         assert torch.equal(y_gpu, y_cpu)
         torch.testing.assert_close(x_gpu, x_cpu, rtol=0, atol=1e-5)
     val_cfg = load_config(None, [f"data.val_path={digits_betons / 'val.beton'}", "data.image_size=32",
@@ -316,5 +316,5 @@ def test_ffcv_loader_on_cuda_matches_cpu(digits_betons):
     val = {device: [(x.cpu(), y.cpu()) for x, y in build_val_loader(val_cfg.data, rank=0, world_size=1,
                                                                     device=torch.device(device))]
            for device in ("cpu", "cuda")}
-    for (x_gpu, y_gpu), (x_cpu, y_cpu) in zip(val["cuda"], val["cpu"]):
+    for (x_gpu, y_gpu), (x_cpu, y_cpu) in zip(val["cuda"], val["cpu"], strict=True):
         assert torch.equal(y_gpu, y_cpu) and torch.equal(x_gpu, x_cpu)

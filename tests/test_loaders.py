@@ -50,7 +50,7 @@ def with_augment(loader: TrainLoader, augment: AugmentConfig, channels_last: boo
 
 def same(first, second) -> bool:
     return len(first) == len(second) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-                                             for a, b in zip(first, second))
+                                             for a, b in zip(first, second, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def val_loader(digits_betons):
 
 # ---- train loader ----------------------------------------------------------------------------------
 def test_train_batches_follow_the_interface(train_loader):
-    assert len(train_loader) == DIGITS_TRAIN // BATCH and train_loader.steps_per_epoch(2) == DIGITS_TRAIN // (2 * BATCH)
+    assert len(train_loader) == DIGITS_TRAIN // BATCH and train_loader.steps_per_epoch(StepLayout(BATCH, 1, 2)) == DIGITS_TRAIN // (2 * BATCH)
     batches = list(train_loader.epoch(0))
     assert len(batches) == len(train_loader)
     for images, targets in batches:
@@ -240,10 +240,10 @@ def test_a_micro_batch_gets_the_same_pixels_and_targets_on_any_rank_layout(digit
     def by_micro_batch(world, accum):
         out = {}
         for rank in range(world):
-            train = loader(rank, world)
-            for position, batch in enumerate(train.epoch(1, start_step=2, accumulation_steps=accum)):
+            train, layout = loader(rank, world), StepLayout(8, world, accum)
+            for position, batch in enumerate(train.epoch(1, start_step=2, layout=layout)):
                 step, micro = divmod(position, accum)
-                out[train.layout(accum).micro_batch_id(2 + step, rank, micro)] = batch
+                out[layout.micro_batch_id(2 + step, rank, micro)] = batch
             del train
             gc.collect()
         return out

@@ -39,9 +39,9 @@ def test_compile_fullgraph_train_step_matches_eager():
     # Gradients that are zero in exact arithmetic (a bias right before a BatchNorm) are rounding
     # noise in both: compare every gradient on the scale of the largest one.
     scale = max(p.grad.abs().max().item() for p in eager.parameters())
-    for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
+    for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5 * scale, rtol=1e-4, msg=name)
-    for (name, b), c in zip(compiled_model.named_buffers(), eager.buffers()):
+    for (name, b), c in zip(compiled_model.named_buffers(), eager.buffers(), strict=True):
         torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-5, msg=name)
 
 

@@ -13,11 +13,11 @@ from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import dwnet  # noqa: F401  (registers the models)
-from dwnet.models import DWNet
+from dwnet.models import PUBLISHED_MODELS, DWNet
 
 SMALL = ("dwnet_femto", "dwnet_nano", "dynamic_dwnet_nano")
 STATIC_AND_DYNAMIC = ("dwnet_femto", "dynamic_dwnet_nano")  # for the costlier checks: nano is femto's code
-PUBLISHED = ("dwnet_tiny", "dynamic_dwnet_tiny", "dwnet_base", "dynamic_dwnet_base")
+PUBLISHED = PUBLISHED_MODELS
 RELEASES = "https://github.com/Atten4Vis/DemystifyLocalViT/releases/download/prerelease/"
 TRACER_KWARGS = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
 
@@ -108,7 +108,7 @@ def test_backward_reaches_every_parameter_with_and_without_grad_checkpointing(na
     out.mean().backward()
     model.set_grad_checkpointing(True)
     model(x).mean().backward()
-    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+    for (n, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert q.grad is not None and p.grad is not None, n
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=n)
 
@@ -159,7 +159,7 @@ def test_features_only_match_forward_intermediates(name, feature_cls, tmp_path):
     assert backbone.feature_info.channels() == [dim, 2 * dim, 4 * dim, 8 * dim]
     assert backbone.feature_info.reduction() == [4, 8, 16, 32]
     assert [tuple(m.shape) for m in maps] == [(1, dim * 2 ** i, 24 // 2 ** i, 16 // 2 ** i) for i in range(4)]
-    for got, want in zip(maps, expected):
+    for got, want in zip(maps, expected, strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -236,7 +236,7 @@ def test_fx_feature_extractor_scripts(name):
     scripted = torch.jit.script(backbone)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        for got, want in zip(scripted(x), backbone(x)):
+        for got, want in zip(scripted(x), backbone(x), strict=True):
             torch.testing.assert_close(got, want)
 
 

@@ -84,7 +84,7 @@ def test_build_model_strict_and_name_errors(reference):
         build_model(run_config(name="dwnet_huge"))
     model = build_model(run_config(num_classes=10, pretrained=str(path)))
     io_model = create_model("dwnet_femto", checkpoint=path)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), io_model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), io_model.state_dict().values(), strict=True))
 
 
 def test_load_backbone_reports_what_it_left_and_refuses_a_foreign_checkpoint(reference):

@@ -6,7 +6,7 @@ import timm
 import torch
 
 import dwnet  # noqa: F401  (registers the models)
-from dwnet.models import (BatchNormFP32, CheckpointMismatchError, DWNet, count_macs, count_parameters,
+from dwnet.models import (PUBLISHED_MODELS, BatchNormFP32, CheckpointMismatchError, DWNet, count_macs, count_parameters,
                           create_model, fuse_batchnorm, load_checkpoint)
 
 PUBLISHED = {
@@ -30,6 +30,10 @@ def with_random_bn_statistics(model: DWNet, size: int = 64) -> DWNet:
         for _ in range(3):
             model(torch.randn(4, 3, size, size) * 2 + 0.5)
     return model.eval()
+
+
+def test_the_published_figures_cover_the_published_models():
+    assert tuple(PUBLISHED) == PUBLISHED_MODELS
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
@@ -206,7 +210,7 @@ def test_grad_checkpointing_gives_same_gradients():
     reference(x).sum().backward()
     model.set_grad_checkpointing(True)
     model(x).sum().backward()
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 

@@ -23,11 +23,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 import engine_worker  # noqa: E402
 from launch_harness import REPO, clean_env  # noqa: E402
 from poisoned_loaders import Poisoned, all_finite, changed, model_state  # noqa: E402
+from rank_helpers import Crash, crash_at, set_rank_env  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
 from dwnet.distributed import free_port  # noqa: E402
-from dwnet.engine import Trainer, checkpointing  # noqa: E402
-from dwnet.engine.export import read_client_state  # noqa: E402
+from dwnet.checkpoint import checkpointing, layout  # noqa: E402
+from dwnet.engine import Trainer  # noqa: E402
+from dwnet.checkpoint.export import read_client_state  # noqa: E402
 
 CPU = torch.device("cpu")
 NAN, INF = math.nan, math.inf
@@ -184,9 +186,7 @@ def test_overflow_only_in_batchnorm_statistics_is_skipped(tmp_path, process_grou
 
 # ---- several ranks ----------------------------------------------------------------------------------
 def only_rank1_sees_nan(rank: int, world_size: int, port: int, out_dir: str, betons: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", LOCAL_WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
+    set_rank_env(rank, world_size, port)
     from dwnet.data import build_train_loader, build_val_loader
     from dwnet.distributed import init_distributed
 
@@ -223,13 +223,13 @@ def test_nan_on_one_rank_makes_every_rank_skip_and_restore(digits_betons, tmp_pa
 def test_bf16_episode_rolls_back_to_the_tag_before_the_first_skip(digits, tmp_path, clean_top1, keep_last):
     """Batches 5-7 are NaN once: steps 6, 7, 8 skip; step_00000006 is written after the first
     skip (so marked), and the rollback at step 8 must land on step_00000004, even with keep_last 1."""
-    root = checkpointing.checkpoint_root(str(tmp_path))
+    root = layout.checkpoint_root(str(tmp_path))
     seen: dict[str, object] = {}
 
     def look_at_tags(epoch: int, batch: int) -> None:
         if (epoch, batch) == (0, 7) and "tags" not in seen:  # after step 7: step_6 written, rollback ahead
-            seen["tags"] = checkpointing.complete_tags(root)
-            seen["meta6"] = checkpointing.read_meta(root, "step_00000006")
+            seen["tags"] = layout.complete_tags(root)
+            seen["meta6"] = layout.TagMeta.read(root, "step_00000006")
 
     setting = ("engine.precision=bf16", "engine.zero_stage=2")
     trainer = digits_trainer(digits, tmp_path, *setting, "checkpoint.every_steps=2",
@@ -238,7 +238,7 @@ def test_bf16_episode_rolls_back_to_the_tag_before_the_first_skip(digits, tmp_pa
                              bad={(0, 5): NAN, (0, 6): NAN, (0, 7): NAN}, observe=look_at_tags)
     with WarningLines() as warnings:
         final = trainer.fit()
-    assert seen["meta6"][checkpointing.EPISODE] == 6  # marked: saved with the episode open
+    assert seen["meta6"].episode == 6  # marked: saved with the episode open
     assert "step_00000004" in seen["tags"]  # spared by pruning: it is the rollback target
     p = trainer.progress
     assert p.history == [{"step": 4, "from": "bf16", "to": "fp32"}] and p.precision == "fp32" and p.fallbacks == 1
@@ -249,7 +249,7 @@ def test_bf16_episode_rolls_back_to_the_tag_before_the_first_skip(digits, tmp_pa
     assert len(rollback) == 1 and "rolling back to step_00000004" in rollback[0]
     assert "the first skipped step 6" in rollback[0] and "step_00000006" in rollback[0]  # and it was removed
     assert all_finite(model_state(trainer))
-    for tag in checkpointing.complete_tags(root):  # the replayed tags are clean ones
+    for tag in layout.complete_tags(root):  # the replayed tags are clean ones
         assert checkpointing.is_clean(root, tag), tag
     assert_near_clean(final, clean_top1(*setting))
 
@@ -272,8 +272,8 @@ def test_non_finite_ema_is_never_saved_and_starts_the_rollback(tmp_path, process
         trainer.fit()
     assert trainer.progress.fallbacks == 1 and trainer.progress.history[0]["step"] == 4
     assert any("rolling back to step_00000004" in w and "not finite at step 8" in w for w in warnings), warnings
-    root = checkpointing.checkpoint_root(str(tmp_path))
-    for tag in checkpointing.complete_tags(root):
+    root = layout.checkpoint_root(str(tmp_path))
+    for tag in layout.complete_tags(root):
         ema = read_client_state(root, tag)["ema"]
         assert all(torch.isfinite(v).all() for v in ema.values() if v.is_floating_point()), tag
     assert all_finite(model_state(trainer))
@@ -302,9 +302,9 @@ def test_non_finite_evaluation_is_reported_and_never_best(digits, tmp_path):
         rows = list(csv.DictReader(fh))
     assert [r["val_loss"] for r in rows][0] == "nan" and "not a best candidate" in rows[0]["note"]
     assert rows[1]["note"] == "" and math.isfinite(float(rows[1]["val_loss"]))
-    root = checkpointing.checkpoint_root(str(tmp_path))
+    root = layout.checkpoint_root(str(tmp_path))
     best = checkpointing.read_pointer(root, "best")
-    assert checkpointing.read_meta(root, best)["epoch"] == 2
+    assert layout.TagMeta.read(root, best).epoch == 2
 
 
 # ---- the command line: stop, resume, export, eval -------------------------------------------------
@@ -330,9 +330,9 @@ def test_persistent_nan_stops_in_one_line_and_the_clean_tag_resumes_to_a_finite_
     lines = [line for line in stopped.stderr.splitlines() if "training stopped" in line]
     assert len(lines) == 1 and "again after the fallback; lower optim.base_lr" in lines[0], stopped.stderr[-3000:]
     assert "restarts from step_00000004.fallback1" in lines[0]
-    root = checkpointing.checkpoint_root(str(run_dir))
-    assert checkpointing.newest_complete_tag(root) == "step_00000004.fallback1"
-    assert all(checkpointing.is_clean(root, t) for t in checkpointing.complete_tags(root))
+    root = layout.checkpoint_root(str(run_dir))
+    assert layout.newest_complete_tag(root) == "step_00000004.fallback1"
+    assert all(checkpointing.is_clean(root, t) for t in layout.complete_tags(root))
 
     resumed = cli("train.py", *run_opts(digits_betons, run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -391,12 +391,7 @@ def test_an_episode_stays_open_across_a_crash_and_resume(tmp_path, process_group
     step 6 is still inside the episode (window 4), so it is marked too and never a rollback target."""
     images, labels = synthetic_dataset(128)
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_batch_5(epoch, batch):
-        if (epoch, batch) == (0, 5):
-            raise Crash()
+    crash_at_batch_5 = crash_at(0, 5)
 
     def trainer_for(observe=None):
         cfg = engine_worker.tiny_run_config(str(tmp_path), "checkpoint.every_steps=2", "checkpoint.keep_last=20",
@@ -406,20 +401,19 @@ def test_an_episode_stays_open_across_a_crash_and_resume(tmp_path, process_group
 
     with pytest.raises(Crash):
         trainer_for(observe=crash_at_batch_5).fit()
-    root = checkpointing.checkpoint_root(str(tmp_path))
-    assert checkpointing.read_meta(root, "step_00000004")[checkpointing.EPISODE] == 3
+    root = layout.checkpoint_root(str(tmp_path))
+    assert layout.TagMeta.read(root, "step_00000004").episode == 3
     resumed = trainer_for()
     assert resumed.resume_tag == "step_00000004"
     resumed.fit()
-    assert checkpointing.read_meta(root, "step_00000006")[checkpointing.EPISODE] == 3
+    assert layout.TagMeta.read(root, "step_00000006").episode == 3
     assert checkpointing.is_clean(root, "step_00000008")  # step 3 left the window at step 7
     assert checkpointing.rollback_target(root) == "step_00000008"
 
 
-def fake_tag(root, tag: str, **meta) -> None:
+def fake_tag(root, tag: str, best: str, episode: int | None = None) -> None:
     os.makedirs(os.path.join(root, tag), exist_ok=True)
-    with open(os.path.join(root, tag, checkpointing.COMPLETE), "w") as fh:
-        json.dump(meta, fh)
+    layout.TagMeta(step=int(tag.removeprefix("step_")), best=best, episode=episode).write(root, tag)
 
 
 def test_rollback_bookkeeping_targets_prunes_and_pointers(tmp_path):
@@ -428,24 +422,24 @@ def test_rollback_bookkeeping_targets_prunes_and_pointers(tmp_path):
     root = str(tmp_path)
     fake_tag(root, "step_00000002", best="step_00000002")
     fake_tag(root, "step_00000004", best="step_00000002")
-    fake_tag(root, "step_00000006", best="step_00000006", **{checkpointing.EPISODE: 5})
-    fake_tag(root, "step_00000008", best="step_00000006", **{checkpointing.EPISODE: 5})
+    fake_tag(root, "step_00000006", best="step_00000006", episode=5)
+    fake_tag(root, "step_00000008", best="step_00000006", episode=5)
     os.makedirs(os.path.join(root, "step_00000010"))  # a killed save: no COMPLETE
     for name, tag in (("best", "step_00000006"), ("latest", "step_00000008")):
         (tmp_path / name).write_text(tag)
     assert checkpointing.rollback_target(root) == "step_00000004"
     checkpointing.prune(root, keep_last=1)
-    assert checkpointing.complete_tags(root) == ["step_00000004", "step_00000006", "step_00000008"]
+    assert layout.complete_tags(root) == ["step_00000004", "step_00000006", "step_00000008"]
     assert not (tmp_path / "step_00000010").exists()
     assert checkpointing.discard_after(root, "step_00000004") == ["step_00000006", "step_00000008"]
-    assert checkpointing.complete_tags(root) == ["step_00000004"]
+    assert layout.complete_tags(root) == ["step_00000004"]
     assert checkpointing.read_pointer(root, "latest") == "step_00000004"
     assert not (tmp_path / "best").exists()  # its best, step_00000002, was pruned: no stale pointer
 
     again = str(tmp_path / "again")  # without pruning in between, `best` goes back to step_00000002
     fake_tag(again, "step_00000002", best="step_00000002")
     fake_tag(again, "step_00000004", best="step_00000002")
-    fake_tag(again, "step_00000006", best="step_00000006", **{checkpointing.EPISODE: 5})
+    fake_tag(again, "step_00000006", best="step_00000006", episode=5)
     (tmp_path / "again" / "best").write_text("step_00000006")
     checkpointing.discard_after(again, checkpointing.rollback_target(again))
     assert checkpointing.read_pointer(again, "best") == "step_00000002"

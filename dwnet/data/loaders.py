@@ -6,7 +6,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from dwnet.config import AugmentConfig, ConfigError, DataConfig
+from dwnet.config import AugmentConfig, DataConfig
 from dwnet.errors import DataError
 
 from .augment import BatchAugment, normalize
@@ -14,7 +14,7 @@ from .beton_check import check_structure
 from .beton_format import IGNORE_LABEL
 from .readers import TrainReader, ValReader
 from .rng import derive_key
-from .sharding import StepLayout, steps_per_epoch, train_epoch_indices, val_rank_indices
+from .sharding import StepLayout, check_enough_samples, steps_per_epoch, train_epoch_indices, val_rank_indices
 
 _EPOCH, _BATCH = 0x45, 0x42
 
@@ -25,8 +25,8 @@ class TrainLoader:
     int64 labels.
 
     The epoch's order does not depend on the number of ranks (see `sharding.py`): `epoch(e,
-    start_step=s, accumulation_steps=A)` yields, for each optimizer step from s on, this rank's A
-    micro-batches of it, reading (and decoding) only those samples. Everything random is a function
+    start_step=s, layout=L)` yields, for each optimizer step of L (the Trainer's `StepLayout`) from
+    s on, this rank's L.accumulation_steps micro-batches of it, reading (and decoding) only those samples. Everything random is a function
     of (seed, epoch) and the sample or micro-batch's place in the epoch, never of the rank layout:
     the same micro-batch gets the same crops, flips and mixup on 1 rank or on 16."""
 
@@ -38,26 +38,32 @@ class TrainLoader:
         self.batch_size = batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last = channels_last
+        self.layout = StepLayout(batch_size, world_size, 1)  # without accumulation, when no run's layout is given
 
-    def layout(self, accumulation_steps: int = 1) -> StepLayout:
-        return StepLayout(self.batch_size, self.world_size, accumulation_steps)
+    def _step(self, layout: StepLayout | None) -> StepLayout:
+        if layout is None:
+            return self.layout
+        if (layout.batch_size, layout.world_size) != (self.batch_size, self.world_size):
+            raise ValueError(f"{layout} does not fit this loader (batch {self.batch_size}, {self.world_size} ranks)")
+        return layout
 
-    def steps_per_epoch(self, accumulation_steps: int = 1) -> int:
-        return steps_per_epoch(self.dataset_size, self.layout(accumulation_steps).global_batch)
+    def steps_per_epoch(self, layout: StepLayout | None = None) -> int:
+        return steps_per_epoch(self.dataset_size, self._step(layout).global_batch)
 
     def __len__(self) -> int:
         """Micro-batches per epoch on this rank without accumulation."""
         return self.steps_per_epoch()
 
-    def epoch_indices(self, epoch: int, start_step: int = 0, accumulation_steps: int = 1) -> np.ndarray:
+    def epoch_indices(self, epoch: int, start_step: int = 0, layout: StepLayout | None = None) -> np.ndarray:
         """Dataset indices this rank reads in `epoch` from `start_step` on, in order."""
-        return train_epoch_indices(self.dataset_size, seed=self.seed, epoch=epoch, layout=self.layout(accumulation_steps),
+        return train_epoch_indices(self.dataset_size, seed=self.seed, epoch=epoch, layout=self._step(layout),
                                    rank=self.rank, start_step=start_step)
 
     def epoch(self, epoch: int, start_step: int = 0, *,
-              accumulation_steps: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        layout = self.layout(accumulation_steps)
-        indices = self.epoch_indices(epoch, start_step, accumulation_steps)
+              layout: StepLayout | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        layout = self._step(layout)
+        accumulation_steps = layout.accumulation_steps
+        indices = self.epoch_indices(epoch, start_step, layout)
         epoch_key = derive_key(_EPOCH, self.seed, epoch)  # per-sample crops: independent of rank layout
         batches = self.reader.batches(indices, epoch_key)
         try:
@@ -113,16 +119,15 @@ def beton_size(path: str, split: str) -> int:
 
 
 def build_train_loader(data: DataConfig, augment: AugmentConfig, *, num_classes: int, rank: int, world_size: int,
-                       seed: int, device: torch.device, channels_last: bool = False) -> TrainLoader:
+                       seed: int, device: torch.device, channels_last: bool = False,
+                       layout: StepLayout | None = None) -> TrainLoader:
+    """`layout`: the run's optimizer step (the Trainer's), for the check that the data fill one."""
     _check_world(rank, world_size)
     device = torch.device(device)
     batch_augment = BatchAugment(augment, image_size=data.image_size, num_classes=num_classes,
                                  batch_size=data.batch_size, device=device)
     size, reader = _train_source(data, augment, device)
-    if steps_per_epoch(size, data.batch_size * world_size) == 0:
-        raise ConfigError(f"data.batch_size={data.batch_size} is larger than a rank's share of data.train_path="
-                          f"{data.train_path} ({size} samples over {world_size} rank(s): {size // world_size} each); "
-                          f"lower data.batch_size to at most {max(1, size // world_size)}")
+    check_enough_samples(size, layout or StepLayout(data.batch_size, world_size, 1), data.train_path)
     return TrainLoader(reader, batch_augment, dataset_size=size, batch_size=data.batch_size, seed=seed,
                        rank=rank, world_size=world_size, channels_last=channels_last)
 

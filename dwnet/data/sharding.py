@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dwnet.config import ConfigError, RunConfig
+
 from .rng import derive_key
 
 _SHUFFLE = 0x5348
@@ -30,8 +32,14 @@ class StepLayout:
     world_size: int
     accumulation_steps: int
 
+    @classmethod
+    def of(cls, cfg: RunConfig, world_size: int) -> StepLayout:
+        """The optimizer step of `cfg` on `world_size` ranks."""
+        return cls(cfg.data.batch_size, world_size, cfg.optim.accumulation_steps)
+
     @property
     def global_batch(self) -> int:
+        """Samples per optimizer step: the one formula of the global batch."""
         return self.batch_size * self.world_size * self.accumulation_steps
 
     @property
@@ -50,6 +58,21 @@ class StepLayout:
 
 def steps_per_epoch(num_samples: int, global_batch: int) -> int:
     return num_samples // global_batch
+
+
+def check_enough_samples(num_samples: int, layout: StepLayout, train_path: str) -> None:
+    """ConfigError unless `num_samples` fill at least one optimizer step of `layout`."""
+    batch, world = layout.batch_size, layout.world_size
+    if num_samples < batch * world:
+        raise ConfigError(f"data.batch_size={batch} is larger than a rank's share of data.train_path="
+                          f"{train_path} ({num_samples} samples over {world} rank(s): {num_samples // world} each); "
+                          f"lower data.batch_size to at most {max(1, num_samples // world)}")
+    if steps_per_epoch(num_samples, layout.global_batch) == 0:
+        raise ConfigError(
+            f"data.train_path={train_path}: {num_samples} samples, fewer than one global batch of "
+            f"{layout.global_batch} (data.batch_size={batch} x {world} ranks x "
+            f"optim.accumulation_steps={layout.accumulation_steps}); lower data.batch_size or "
+            "optim.accumulation_steps")
 
 
 def epoch_permutation(num_samples: int, *, seed: int, epoch: int) -> np.ndarray:

@@ -1,5 +1,7 @@
-"""The DeepSpeed training engine: config generation, optimizer, loop, checkpoints, export."""
-from .resume import ResumeMismatchError
+"""The training loop on DeepSpeed: the Trainer, its step guard, optimizer and DeepSpeed config,
+meters, evaluation and run log. Checkpoints are `dwnet.checkpoint`'s."""
+from dwnet.checkpoint.resume import ResumeMismatchError
+
 from .trainer import Trainer, TrainingDiverged
 
 __all__ = ["ResumeMismatchError", "Trainer", "TrainingDiverged"]

@@ -13,7 +13,7 @@ only matters to BatchNorms with momentum=None, cumulative averages, which are le
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch.nn as nn
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from dwnet.config import ConfigError, RunConfig, global_batch_size, read_mapping_file
+from dwnet.config import ConfigError, RunConfig, read_mapping_file
+from dwnet.data.sharding import StepLayout
 
 # Keys that the run config owns; a user DeepSpeed file may not contradict them silently.
 _OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -26,7 +27,7 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int, precision: str) -> d
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.accumulation_steps,
-        "train_batch_size": global_batch_size(cfg, world_size),
+        "train_batch_size": StepLayout.of(cfg, world_size).global_batch,
         # Written explicitly: DeepSpeed's default changed over releases; the recipe clips at 5.0.
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.engine.zero_stage},

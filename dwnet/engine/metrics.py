@@ -1,7 +1,7 @@
 """Validation: top-1 / top-5 / loss summed over every rank, each sample counted once."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist

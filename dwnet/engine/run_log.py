@@ -1,17 +1,21 @@
 """What a run leaves behind on rank 0: a text log with the config and environment at the top,
-a per-epoch CSV (replaced atomically and fsynced, so a crash never loses a written row), and scalars
-through DeepSpeed's monitor (TensorBoard)."""
+a per-epoch CSV (replaced atomically and fsynced, so a crash never loses a written row), scalars
+through DeepSpeed's monitor (TensorBoard) and the epoch's progress bar."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+import math
 import os
 import platform
 import sys
 from typing import Any
+from collections.abc import Iterator
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from dwnet.atomic_io import atomic_open
 from dwnet.config import RunConfig
@@ -40,6 +44,7 @@ class RunLog:
                 handler.setFormatter(fmt)
                 self.logger.addHandler(handler)
         self.monitor = None
+        self._bar: tqdm | None = None
 
     def info(self, msg: str, *args: Any, all_ranks: bool = False) -> None:
         if self.rank == 0 or all_ranks:
@@ -89,3 +94,44 @@ class RunLog:
             writer.writeheader()
             writer.writerows(kept)
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+    def epoch_report(self, row: dict[str, Any], epochs: int) -> None:
+        """One finished epoch: its CSV row, its scalars and its console line."""
+        self.epoch_row(row)
+        self.scalars(row["step"], {f"Epoch/{k}": v for k, v in row.items()
+                                   if isinstance(v, (int, float)) and k != "epoch"})
+        nan = float("nan")
+        self.info("epoch %d/%d: train loss %.4f | val top-1 %.2f top-5 %.2f loss %.4f%s | %.0f img/s",
+                  row["epoch"], epochs, row["train_loss"], row.get("val_top1", nan), row.get("val_top5", nan),
+                  row.get("val_loss", nan), f" | EMA top-1 {row['ema_top1']:.2f}" if "ema_top1" in row else "",
+                  row["images_per_s"])
+
+    def eval_not_finite(self, epoch: int, losses: dict[str, float]) -> bool:
+        """Warns when an evaluation loss is not finite (such an epoch cannot become best)."""
+        if all(math.isfinite(v) for v in losses.values()):
+            return False
+        self.warning("epoch %d: evaluation loss is not finite (%s); this epoch cannot become best",
+                     epoch, ", ".join(f"{k} {v:.4g}" for k, v in losses.items()))
+        return True
+
+    @contextlib.contextmanager
+    def epoch_bar(self, epoch: int, total: int, initial: int, enabled: bool) -> Iterator[None]:
+        """The progress bar of one epoch (rank 0, when `enabled`), closed however the epoch ends."""
+        self._bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False,
+                         disable=self.rank != 0 or not enabled)
+        try:
+            yield
+        finally:
+            self._bar.close()
+            self._bar = None
+
+    def step_done(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def step_report(self, step: int, values: dict[str, float]) -> None:
+        """Every log.every_steps optimizer steps: the scalars, and loss, LR and images/s on the bar."""
+        self.scalars(step, values)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{values['Train/loss']:.4f}", lr=f"{values['Train/lr']:.2e}",
+                                  ips=f"{values['Train/images_per_s']:.0f}")

@@ -11,16 +11,75 @@ What a step can change, and how each is protected when the step is skipped:
   (before its first micro-batch) and copied back on every rank when the step is skipped.
 - EMA: updated only after a step is known to be kept.
 The decision is one all-reduced flag vector, so ranks cannot disagree about a skip.
+
+Skipping is for bad luck; `SkipWindow` decides when it is not enough: `max_skips` skips within
+`window` steps mean the run is unstable, and `end()`'s verdict asks for a rollback.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .finite import all_finite
+from dwnet.finite import all_finite
+
+
+class Verdict(Enum):
+    OK = "ok"
+    SKIPPED = "skipped"
+    ROLLBACK = "rollback"  # too many skips in the window: reload the last clean checkpoint
+
+
+class SkipWindow:
+    """Skipped optimizer steps in a sliding window of the last `window` steps.
+
+    While the window holds any skip a non-finite *episode* is open: checkpoints written then are
+    not rollback targets, since the weights may already be drifting towards the divergence.
+    """
+
+    def __init__(self, max_skips: int, window: int) -> None:
+        self.max_skips = max_skips
+        self.window = window
+        self.skipped_steps: deque[int] = deque()
+        self.total_skipped = 0
+
+    def _expire(self, step: int) -> None:
+        while self.skipped_steps and self.skipped_steps[0] <= step - self.window:
+            self.skipped_steps.popleft()
+
+    def record(self, step: int, applied: bool) -> Verdict:
+        """The window keeps its skips after a ROLLBACK verdict (the messages count them); `reset`
+        once the rollback is done."""
+        self._expire(step)
+        if applied:
+            return Verdict.OK
+        self.skipped_steps.append(step)
+        self.total_skipped += 1
+        return Verdict.ROLLBACK if len(self.skipped_steps) >= self.max_skips else Verdict.SKIPPED
+
+    def skips_in_window(self, step: int) -> int:
+        self._expire(step)
+        return len(self.skipped_steps)
+
+    def open_episode(self, step: int) -> list[int]:
+        """The skips of the episode open at `step` (empty when none is)."""
+        self._expire(step)
+        return list(self.skipped_steps)
+
+    def first_skip(self) -> int | None:
+        """The step that opened the current episode, if one is open."""
+        return self.skipped_steps[0] if self.skipped_steps else None
+
+    def carry_over(self, steps: list[int]) -> None:
+        """Reopens the episode a checkpoint was saved in: a crash does not close it."""
+        self.skipped_steps.extend(steps)
+
+    def reset(self) -> None:
+        self.skipped_steps.clear()
 
 
 @dataclass(frozen=True)
@@ -29,6 +88,8 @@ class StepOutcome:
     loss_ranks: int = 0  # ranks whose loss (any micro-batch) was not finite
     buffer_ranks: int = 0  # ranks whose BatchNorm statistics were not finite
     world_size: int = 1
+    verdict: Verdict = Verdict.OK
+    skips_in_window: int = 0
 
     def reason(self) -> str:
         parts = []
@@ -67,8 +128,9 @@ class StepGuard:
     """Per optimizer step: `begin` before the first micro-batch, `loss_for_backward` on each
     micro-batch's loss, `end` after the engine stepped at the accumulation boundary."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, max_skips: int, window: int) -> None:
         self.world_size = world_size
+        self.window = SkipWindow(max_skips, window)
         self.snapshot = BufferSnapshot()
         self._losses_finite: torch.Tensor | None = None
         self._buffers_finite: torch.Tensor | None = None
@@ -92,7 +154,8 @@ class StepGuard:
         return loss * torch.where(keep, 1.0, float("nan")).to(loss.dtype)
 
     def end(self, applied: bool, step: int) -> StepOutcome:
-        """Collective. Decides the step on all ranks at once; restores the buffers if skipped."""
+        """Collective. Decides the step on all ranks at once; restores the buffers if skipped, and
+        says whether the skips have become too many (`StepOutcome.verdict`)."""
         if self._losses_finite is None or self._buffers_finite is None:
             raise RuntimeError("StepGuard.end() without loss_for_backward(last_micro_batch=True) this step")
         flags = torch.stack([~self._losses_finite, ~self._buffers_finite,
@@ -110,4 +173,10 @@ class StepGuard:
                 "Resume from the last checkpoint; if this repeats, report it with the DeepSpeed config")
         if skipped:
             self.snapshot.restore()
-        return StepOutcome(skipped, loss_ranks, buffer_ranks, self.world_size)
+        verdict = self.window.record(step, applied=not skipped)
+        return StepOutcome(skipped, loss_ranks, buffer_ranks, self.world_size, verdict,
+                           self.window.skips_in_window(step))
+
+    @property
+    def total_skipped(self) -> int:
+        return self.window.total_skipped

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from dwnet.config import RunConfig, global_batch_size
+from dwnet.config import RunConfig
+from dwnet.data.sharding import StepLayout
 from dwnet.errors import UserError
 
 from . import checkpointing, universal
-from .run_log import RunLog
+from .layout import Log, TagMeta
 
 
 class ResumeMismatchError(UserError):
@@ -28,9 +29,22 @@ class ResumeMismatchError(UserError):
 def identity(cfg: RunConfig, world_size: int, train_samples: int) -> dict:
     """What a checkpoint of this run records about it (in COMPLETE) for a resume to compare."""
     return {"model": cfg.model.name, "num_classes": cfg.model.num_classes,
-            "global_batch": global_batch_size(cfg, world_size), "batch_size": cfg.data.batch_size,
+            "global_batch": StepLayout.of(cfg, world_size).global_batch, "batch_size": cfg.data.batch_size,
             "world_size": world_size, "accumulation_steps": cfg.optim.accumulation_steps,
             "train_samples": train_samples, "zero_stage": cfg.engine.zero_stage, "epochs": cfg.optim.epochs}
+
+
+def continue_precision(saved: str, *, wanted: str | None = None, switch_precision: bool = False,
+                       fallback: bool = False) -> str:
+    """The precision a run continues in from a tag saved in `saved`. After a non-finite fallback
+    (`fallback`) bf16 drops to fp32. On a resume, `wanted` (engine.precision) applies when it is
+    fp32 (always allowed) or with `switch_precision`; away from fp32, which may be a fallback's
+    decision, the saved precision stays otherwise."""
+    if fallback:
+        return "fp32" if saved == "bf16" else saved
+    if wanted is None or wanted == saved:
+        return saved
+    return wanted if wanted == "fp32" or switch_precision else saved
 
 
 @dataclass
@@ -39,16 +53,46 @@ class ResumePlan:
     saved: dict  # the tag's identity ({} for tags from before identities were recorded)
     accumulation_steps: int  # what this run uses
     reshard: bool  # load through the universal checkpoint (another world size or ZeRO stage)
+    saved_precision: str
+    wanted_precision: str  # engine.precision
+    precision: str  # what this run continues in (`continue_precision`)
     announcements: list[str] = field(default_factory=list)
 
+    def announce(self, log: Log, mine: dict) -> None:
+        """What changes with this resume, in one line each; `mine` is this run's identity."""
+        for line in self.announcements:
+            log.info("resuming %s: %s", self.tag, line)
+        saved, tag = self.saved, self.tag
+        if saved and saved.get("train_samples", mine["train_samples"]) != mine["train_samples"]:
+            log.warning("resuming %s with %d training samples (saved with %d): the training data changed",
+                        tag, mine["train_samples"], saved["train_samples"])
+        if saved and mine["epochs"] > saved.get("epochs", mine["epochs"]):
+            log.info("optim.epochs raised from %d to %d: the LR schedule continues on the longer cosine",
+                     saved["epochs"], mine["epochs"])
+        if self.precision != self.saved_precision:
+            log.info("resuming %s (saved in %s) in %s as engine.precision asks; optimizer moments restart",
+                     tag, self.saved_precision, self.precision)
+        elif self.precision != self.wanted_precision:
+            log.info("resuming %s in %s as saved (engine.precision=%s is not applied: pass --switch-precision "
+                     "to continue in %s)", tag, self.saved_precision, self.wanted_precision, self.wanted_precision)
 
-def plan_resume(cfg: RunConfig, root: str, tag: str, world_size: int, new_global_batch: bool = False) -> ResumePlan:
+
+def plan_resume(cfg: RunConfig, root: str, tag: str, world_size: int, new_global_batch: bool = False,
+                switch_precision: bool = False) -> ResumePlan:
     """How this run (cfg on `world_size` ranks) resumes `tag`, or ResumeMismatchError."""
     where = os.path.join(root, tag)
-    saved = checkpointing.read_meta(root, tag).get(checkpointing.IDENTITY) or {}
+    meta = TagMeta.read(root, tag)
+    saved = meta.identity
     accumulation = cfg.optim.accumulation_steps
+    wanted = cfg.engine.precision
+    saved_precision = meta.precision or wanted
+    precision = continue_precision(saved_precision, wanted=wanted, switch_precision=switch_precision)
+
+    def plan(accumulation_steps: int, reshard: bool, notes: list[str]) -> ResumePlan:
+        return ResumePlan(tag, saved, accumulation_steps, reshard, saved_precision, wanted, precision, notes)
+
     if not saved:
-        return ResumePlan(tag, {}, accumulation, reshard=False)
+        return plan(accumulation, False, [])
     mine = {"model": cfg.model.name, "num_classes": cfg.model.num_classes}
     for key, field_name in (("model", "model.name"), ("num_classes", "model.num_classes")):
         if key in saved and saved[key] != mine[key]:
@@ -65,11 +109,12 @@ def plan_resume(cfg: RunConfig, root: str, tag: str, world_size: int, new_global
                 f"0 cannot carry the optimizer state; set engine.zero_stage={old_stage} to resume")
         notes.append(f"engine.zero_stage {old_stage} -> {stage}: optimizer state resharded")
     old_world = saved.get("world_size", world_size)
-    old_global = saved.get("global_batch", global_batch_size(cfg, world_size))
-    per_step = cfg.data.batch_size * world_size  # samples one micro-step takes over all ranks
+    global_batch = StepLayout.of(cfg, world_size).global_batch
+    old_global = saved.get("global_batch", global_batch)
+    per_step = StepLayout(cfg.data.batch_size, world_size, 1).global_batch  # one micro-step over all ranks
     if new_global_batch:
-        if old_global != global_batch_size(cfg, world_size):
-            notes.append(f"global batch {old_global} -> {global_batch_size(cfg, world_size)} (--new-global-batch): "
+        if old_global != global_batch:
+            notes.append(f"global batch {old_global} -> {global_batch} (--new-global-batch): "
                          "learning rate rescaled, steps per epoch recomputed")
     elif old_global % per_step:
         raise ResumeMismatchError(_cannot_keep(where, saved, cfg, world_size, old_global))
@@ -81,12 +126,12 @@ def plan_resume(cfg: RunConfig, root: str, tag: str, world_size: int, new_global
         if changes:
             notes.append(f"{', '.join(changes)}: accumulation {saved.get('accumulation_steps')} -> {accumulation}, "
                          f"global batch {old_global} kept")
-    return ResumePlan(tag, saved, accumulation, needs_reshard(root, tag, world_size, stage), notes)
+    return plan(accumulation, needs_reshard(root, tag, world_size, stage), notes)
 
 
 def needs_reshard(root: str, tag: str, world_size: int, zero_stage: int) -> bool:
     """Must `tag` be loaded through its universal copy by a run of `world_size` ranks at `zero_stage`?"""
-    saved = checkpointing.read_meta(root, tag).get(checkpointing.IDENTITY) or {}
+    saved = TagMeta.read(root, tag).identity
     changed = saved.get("world_size", world_size) != world_size or saved.get("zero_stage", zero_stage) != zero_stage
     return changed and universal.has_partitioned_optimizer(os.path.join(root, tag))
 
@@ -107,10 +152,10 @@ def _cannot_keep(where: str, saved: dict, cfg: RunConfig, world_size: int, old_g
     return (f"{where} was saved with global batch {old_global} (data.batch_size={saved.get('batch_size')} x "
             f"{saved.get('world_size')} ranks x optim.accumulation_steps={saved.get('accumulation_steps')}); this "
             f"run cannot keep it ({why}): {options}, or pass --new-global-batch to continue with global batch "
-            f"{global_batch_size(cfg, world_size)} (learning rate rescaled)")
+            f"{StepLayout.of(cfg, world_size).global_batch} (learning rate rescaled)")
 
 
-def find_resume_tag(root: str, rank: int, world_size: int, log: RunLog) -> str | None:
+def find_resume_tag(root: str, rank: int, world_size: int, log: Log) -> str | None:
     """Collective. The newest complete tag whose files all read back; damaged newer ones are
     moved aside (`step_N.damaged`) with one line each, so a bad disk block never blocks a run."""
     if rank == 0 and os.path.isdir(root):
@@ -154,17 +199,3 @@ def _first_problem(root: str, tag: str, rank: int, world_size: int) -> str | Non
     problems = [None] * world_size
     dist.all_gather_object(problems, problem)
     return next((p for p in problems if p), None)
-
-
-def resume_precision(wanted: str, saved: str, switch_precision: bool, tag: str, log: RunLog) -> str:
-    """Switching to fp32 is always allowed; away from fp32 (which may be a non-finite fallback's
-    decision) only with switch_precision. Announced in one line either way."""
-    if wanted == saved:
-        return saved
-    if wanted == "fp32" or switch_precision:
-        log.info("resuming %s (saved in %s) in %s as engine.precision asks; optimizer moments restart",
-                 tag, saved, wanted)
-        return wanted
-    log.info("resuming %s in %s as saved (engine.precision=%s is not applied: pass --switch-precision "
-             "to continue in %s)", tag, saved, wanted, wanted)
-    return saved

@@ -2,7 +2,7 @@
 called best", shared by the trainer, the export and the eval command."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist

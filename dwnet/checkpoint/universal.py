@@ -30,7 +30,8 @@ from deepspeed.checkpoint.constants import (DS_VERSION, OPTIMIZER_STATE_DICT, PA
 from dwnet.atomic_io import fsync_tree
 from dwnet.errors import UserError
 
-from .checkpoint_space import free_bytes, human_size, out_of_space, tag_size
+from .layout import MODEL_STATES_FILES, OPTIM_STATES_GLOB, free_bytes, human_size, tag_size
+from .space import out_of_space
 
 UNIVERSAL_DIR = "universal"
 PARTIAL = ".partial"
@@ -52,7 +53,7 @@ def universal_root(root: str) -> str:
 def has_partitioned_optimizer(tag_dir: str) -> bool:
     """ZeRO 1-3 (and bf16 at ZeRO-0 in older DeepSpeed) write per-rank optimizer shards; a tag
     without them holds its whole optimizer state in the model-states file, loadable on any world."""
-    return bool(glob.glob(os.path.join(tag_dir, "*optim_states.pt")))
+    return bool(glob.glob(os.path.join(tag_dir, OPTIM_STATES_GLOB)))
 
 
 def is_converted(root: str, tag: str) -> bool:
@@ -84,7 +85,7 @@ def convert(root: str, tag: str, workers: int | None = None) -> str:
         with open(log_path, "w") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
                 raise ConversionError(_last_error(log_path))
-        _name_model_states_for_every_stage(partial)
+        _name_metadata_file_for_every_stage(partial)
         _optimizer_state_for_every_stage(partial)
         with open(os.path.join(partial, DONE), "w") as fh:
             json.dump({"source": tag}, fh)
@@ -103,11 +104,11 @@ def convert(root: str, tag: str, workers: int | None = None) -> str:
     return final
 
 
-def _name_model_states_for_every_stage(folder: str) -> None:
-    """A universal load reads its metadata (client state included) from `mp_rank_00_model_states.pt`
-    under ZeRO 0-2 and from `zero_pp_rank_0_mp_rank_00_model_states.pt` under ZeRO-3; the copy gets
-    both names, so that the stage may change across 3 (weights come from `zero/` either way)."""
-    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+def _name_metadata_file_for_every_stage(folder: str) -> None:
+    """A universal load reads its metadata (client state included) from the ZeRO 0-2 model-states
+    file or from the ZeRO-3 one; the copy gets both names, so that the stage may change across 3
+    (weights come from `zero/` either way)."""
+    names = MODEL_STATES_FILES
     present = [n for n in names if os.path.isfile(os.path.join(folder, n))]
     for missing in (n for n in names if present and n not in present):
         shutil.copyfile(os.path.join(folder, present[0]), os.path.join(folder, missing))
@@ -124,9 +125,9 @@ def _optimizer_state_for_every_stage(folder: str) -> None:
     if OPTIMIZER_STATE_DICT in state:
         # From ZeRO-3: tensors are flat and bare, the step is in this file. ZeRO 1-2 want each as
         # {"param": tensor of the parameter's shape} and the step per parameter.
-        model_states = torch.load(os.path.join(folder, "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+        saved = torch.load(os.path.join(folder, MODEL_STATES_FILES[1]),
                                   map_location="cpu", weights_only=False)
-        shapes = {name: shape for group in model_states[PARAM_SHAPES] for name, shape in group.items()}
+        shapes = {name: shape for group in saved[PARAM_SHAPES] for name, shape in group.items()}
         step = next(iter(state[OPTIMIZER_STATE_DICT]["state"].values()))["step"]
         for param in params:
             name = os.path.basename(param)

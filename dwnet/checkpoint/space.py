@@ -5,37 +5,16 @@ from __future__ import annotations
 import copy
 import errno
 import os
-import shutil
 
 import torch
 
 from dwnet.errors import UserError
 
-from . import checkpointing
+from .layout import checkpoint_root, free_bytes, human_size, newest_complete_tag, tag_size
 
 
 class CheckpointSpaceError(UserError):
     """A save failed for lack of space; names the path, the free space and the last tag's size."""
-
-
-def human_size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""
-
-
-def tag_size(root: str, tag: str) -> int:
-    """Bytes of the files of `tag`."""
-    total = 0
-    for dirpath, _, files in os.walk(os.path.join(root, tag)):
-        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
-    return total
-
-
-def free_bytes(path: str) -> int:
-    return shutil.disk_usage(path).free
 
 
 def out_of_space(root: str, err: BaseException) -> bool:
@@ -45,7 +24,7 @@ def out_of_space(root: str, err: BaseException) -> bool:
         return True
     if "No space left" in str(err) or "unexpected pos" in str(err):
         return True
-    newest = checkpointing.newest_complete_tag(root)
+    newest = newest_complete_tag(root)
     try:
         return newest is not None and free_bytes(root) < tag_size(root, newest)
     except OSError:
@@ -53,7 +32,7 @@ def out_of_space(root: str, err: BaseException) -> bool:
 
 
 def space_message(root: str, tag: str, err: BaseException) -> str:
-    newest = checkpointing.newest_complete_tag(root)
+    newest = newest_complete_tag(root)
     last = f"the last tag {newest} takes {human_size(tag_size(root, newest))}" if newest else "no earlier tag"
     intact = f"; {newest} is intact and a relaunch resumes from it" if newest else ""
     cause = (str(err).splitlines() or [type(err).__name__])[0].strip()
@@ -66,8 +45,8 @@ def space_for_two_tags(cfg) -> tuple[int, str] | None:
     """(bytes, basis) two checkpoint tags of this run take: from the newest complete tag, or else
     from the parameter count (fp32 weights and two Adam moments, plus fp32 master weights under
     bf16/fp16 and the EMA's copy). None when neither can be estimated."""
-    root = checkpointing.checkpoint_root(cfg.checkpoint.dir)
-    newest = checkpointing.newest_complete_tag(root)
+    root = checkpoint_root(cfg.checkpoint.dir)
+    newest = newest_complete_tag(root)
     if newest is not None:
         return 2 * tag_size(root, newest), f"the newest tag {newest}"
     try:

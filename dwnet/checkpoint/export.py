@@ -9,25 +9,27 @@ import torch
 
 from dwnet.atomic_io import atomic_open
 
+from dwnet.finite import check_state_dict
+
 from . import checkpointing
-from .finite import check_state_dict
+from .layout import (BEST, COMPLETE, LATEST, MODEL_STATES_FILES, MODEL_STATES_SUFFIX, OPTIM_STATES_GLOB,
+                     checkpoint_root, complete_tags)
 
 
-def _model_states_file(tag_dir: str) -> str:
-    # ZeRO 0-2: mp_rank_00_model_states.pt; ZeRO-3: zero_pp_rank_0_mp_rank_00_model_states.pt
-    for pattern in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        path = os.path.join(tag_dir, pattern)
+def _module_states_file(tag_dir: str) -> str:
+    for name in MODEL_STATES_FILES:
+        path = os.path.join(tag_dir, name)
         if os.path.isfile(path):
             return path
-    found = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
+    found = sorted(glob.glob(os.path.join(tag_dir, "*" + MODEL_STATES_SUFFIX)))
     if not found:
         raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states file; is this a checkpoint tag directory?")
     return found[0]
 
 
 def read_client_state(root: str, tag: str) -> dict[str, Any]:
-    """The DeepSpeed model-states dict of a tag (client state keys live at its top level)."""
-    return torch.load(_model_states_file(os.path.join(root, tag)), map_location="cpu", weights_only=False)
+    """The DeepSpeed module-states dict of a tag (client state keys live at its top level)."""
+    return torch.load(_module_states_file(os.path.join(root, tag)), map_location="cpu", weights_only=False)
 
 
 def consolidated_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
@@ -39,7 +41,7 @@ def consolidated_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
 def _consolidate(root: str, tag: str, states: dict[str, Any]) -> dict[str, torch.Tensor]:
     # From model states already loaded, so that export_official reads the (whole-module) file once.
     module = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    has_master_weights = glob.glob(os.path.join(root, tag, "*optim_states.pt"))
+    has_master_weights = glob.glob(os.path.join(root, tag, OPTIM_STATES_GLOB))
     zero_stage = states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
     low_precision = any(states.get("ds_config", {}).get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
     if has_master_weights and (zero_stage > 0 or low_precision):
@@ -56,7 +58,7 @@ def export_official(root: str, tag: str, out_path: str, extra: dict[str, Any] | 
     states = read_client_state(root, tag)
     progress = states.get("progress", {})
     model = _consolidate(root, tag, states)
-    others = [t for t in checkpointing.complete_tags(root) if t != tag]
+    others = [t for t in complete_tags(root) if t != tag]
     fix = "export another tag with --checkpoint-tag" + (f" (complete: {', '.join(others)})" if others else "")
     check_state_dict(model, os.path.join(root, tag), fix=fix)
     payload = {"model": model, "epoch": progress.get("epoch", 0),
@@ -71,11 +73,11 @@ def export_official(root: str, tag: str, out_path: str, extra: dict[str, Any] | 
 def resolve_tag(run_dir: str, which: str = "best") -> str:
     """'best', 'latest' or an explicit tag of the run directory's checkpoints, checked readable
     (DamagedCheckpointError names the damaged file)."""
-    root = checkpointing.checkpoint_root(run_dir)
-    if which in ("best", "latest"):
+    root = checkpoint_root(run_dir)
+    if which in (BEST, LATEST):
         tag = checkpointing.pointer(root, which)
     else:
-        tag = which if os.path.isfile(os.path.join(root, which, checkpointing.COMPLETE)) else None
+        tag = which if os.path.isfile(os.path.join(root, which, COMPLETE)) else None
     if tag is None:
         raise FileNotFoundError(f"{root}: no complete checkpoint ({which}); train first or pass --checkpoint-tag")
     checkpointing.check_readable(root, tag)

@@ -1,5 +1,5 @@
 """Where a run is: saved in every checkpoint, restored on resume, the one source of the current
-precision and of the rank layouts the run has trained on."""
+precision (written only where the engine is built) and of the rank layouts the run has trained on."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,15 +23,18 @@ class Progress:
     def state(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_state(cls, state: dict[str, Any], accumulation_steps: int = 1) -> Progress:
-        """From `state()`; tags written before positions were counted in steps held the micro-batch
-        index (`batch_in_epoch`), which `accumulation_steps` (the saved run's) converts."""
+    def load_state(self, state: dict[str, Any], accumulation_steps: int = 1) -> None:
+        """Takes the position from `state()` in place, all but the precision, which belongs to the
+        engine that was built to continue (it is set where that engine is built). Tags written before
+        positions were counted in steps held the micro-batch index (`batch_in_epoch`), which
+        `accumulation_steps` (the saved run's) converts."""
         state = dict(state)
         if "batch_in_epoch" in state:
             state["step_in_epoch"] = state.pop("batch_in_epoch") // max(accumulation_steps, 1)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in state.items() if k in known})
+        fresh = Progress()
+        for f in dataclasses.fields(self):
+            if f.name != "precision":
+                setattr(self, f.name, state.get(f.name, getattr(fresh, f.name)))
 
     def schedule_position(self, steps_per_epoch: int) -> int:
         """The LR schedule's step: equal to `step` unless the global batch was changed on a resume."""
