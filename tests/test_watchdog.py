@@ -73,7 +73,7 @@ def test_silent_peer_ends_the_other_rank_but_a_slow_one_does_not(tmp_path):
     log = (tmp_path / "rank0.log").read_text()
     assert rc == 1, log
     assert BOUND - 1 < took < BOUND + 10, took
-    lines = [l for l in log.splitlines() if "PEER LOST" in l]
+    lines = [line for line in log.splitlines() if "PEER LOST" in line]
     assert len(lines) == 1 and "rank 1 on" in lines[0] and "(127.0.0.1)" in lines[0], log
     assert "relaunch the same command to resume" in lines[0]
     assert lines[0] in (tmp_path / "train.log").read_text()

@@ -200,7 +200,7 @@ LogLevel ERROR
         return victims
 
     # -- lifecycle --
-    def start(self) -> "TwoHosts":
+    def start(self) -> TwoHosts:
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
             self._network()
@@ -232,7 +232,7 @@ LogLevel ERROR
         self.created = []
         _ip("link", "del", f"dw{self.tag}a", check=False)  # only if moving it failed half-way
 
-    def __enter__(self) -> "TwoHosts":
+    def __enter__(self) -> TwoHosts:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

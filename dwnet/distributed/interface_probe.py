@@ -110,7 +110,7 @@ def _reaches(source: str, master: str, port: int, deadline: float) -> str | None
                 return None
             except ConnectionRefusedError:
                 return None  # a reset came back to `source`: the path works both ways
-            except socket.timeout:
+            except TimeoutError:
                 last = "no answer"
             except OSError as err:
                 last = os.strerror(err.errno) if err.errno else str(err)

@@ -27,7 +27,7 @@ from dwnet.distributed.discovery import DistEnv, DistError
 DEFAULT_PEER_TIMEOUT_S = 90.0  # + the launcher's ssh keepalive (launch/): everything ends within 2 minutes
 EXIT_CODE = 1
 
-_ACTIVE: "PeerWatchdog | None" = None
+_ACTIVE: PeerWatchdog | None = None
 
 
 def peer_timeout_s(environ: dict[str, str] | None = None) -> float:
@@ -88,7 +88,7 @@ class PeerWatchdog:
     def _serve_once(self) -> None:
         try:
             data, addr = self.sock.recvfrom(4096)
-        except (socket.timeout, BlockingIOError):
+        except (TimeoutError, BlockingIOError):
             return
         except OSError:  # e.g. the link is down: silence, judged by _check
             time.sleep(self.interval)
@@ -109,7 +109,7 @@ class PeerWatchdog:
         while time.monotonic() < deadline:
             try:
                 data, _ = self.sock.recvfrom(4096)
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 return
             except OSError:
                 time.sleep(max(0.0, deadline - time.monotonic()))
@@ -165,7 +165,7 @@ class PeerWatchdog:
         os._exit(EXIT_CODE)  # no teardown: it would wait on the lost peer
 
     # -- control --
-    def start(self) -> "PeerWatchdog":
+    def start(self) -> PeerWatchdog:
         self.thread.start()
         return self
 
