@@ -18,7 +18,7 @@ import deepspeed
 import torch
 import torch.nn as nn
 from timm.loss import SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3, distribute_bn
+from timm.utils import distribute_bn
 from tqdm import tqdm
 
 import dwnet.models  # noqa: F401  (registers the models)
@@ -29,7 +29,9 @@ from dwnet.models import build_model
 
 from . import checkpointing, resume
 from .bn_accumulation import accumulation_momentum, batchnorms
-from .ds_config import DTYPES, build_deepspeed_config
+from .ds_config import DTYPES, build_deepspeed_config, uses_fused_step
+from .ema import StepGatedEma
+from .fused_step import FusedAdamW
 from .meters import EpochMeter
 from .metrics import evaluate
 from .nonfinite import NonFiniteGuard, Verdict
@@ -79,6 +81,7 @@ class Trainer(RunState):
         self._build_data(train_loader, val_loader)
         self.guard = NonFiniteGuard(cfg.engine.nonfinite_max_skips, cfg.engine.nonfinite_window)
         self.step_guard = StepGuard(world_size)
+        self._unsettled: list[StepOutcome] = []  # steps whose verdict the host has not read yet
         if plan is None:
             self._build_engine(self.progress.precision)
         else:
@@ -124,9 +127,10 @@ class Trainer(RunState):
         model = self.model_factory(cfg)
         if state_dict is not None:
             model.load_state_dict(state_dict)
-        self.ema = ModelEmaV3(model, decay=cfg.engine.ema_decay, device=self.device) if cfg.engine.ema else None
+        self.ema = StepGatedEma(model, decay=cfg.engine.ema_decay, device=self.device) if cfg.engine.ema else None
         self.lrs = scaled_lrs(cfg.optim, global_batch_size(cfg, self.world_size))
-        optimizer = build_optimizer(model, cfg.optim, self.lrs)
+        optimizer = build_optimizer(model, cfg.optim, self.lrs,
+                                    fused_step=uses_fused_step(cfg.engine.zero_stage, precision))
         self.progress.precision = precision
         self.ds_config = build_deepspeed_config(cfg, self.world_size, precision)
         if load_universal:  # read only by load_checkpoint: saves stay in the ordinary format
@@ -134,6 +138,8 @@ class Trainer(RunState):
         self.loads_universal = load_universal
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
+        if isinstance(optimizer, FusedAdamW):
+            optimizer.attach(self.engine)
         self.batchnorms = batchnorms(self.engine.module)
         if cfg.model.compile:
             self.engine.compile()  # DeepSpeed's wrapper around torch.compile, aware of ZeRO hooks
@@ -249,24 +255,39 @@ class Trainer(RunState):
 
     def _after_step(self, loss: torch.Tensor, meter: EpochMeter, bar: tqdm) -> bool:
         """The optimizer-step boundary: keep or skip the step, roll back on persistent trouble, log,
-        save periodically. False when it rolled back."""
+        save periodically. False when it rolled back. The verdicts are read at logging and saving
+        steps and at the end of the epoch, all since the last read at once: the host never waits
+        for the device in between (a skipped step has changed nothing either way)."""
         cfg, p = self.cfg, self.progress
-        outcome = self.finish_step()
-        verdict = self.guard.record(p.step, applied=not outcome.skipped)
-        if outcome.skipped:
-            self.log.warning("step %d skipped: %s; parameters, optimizer state, BatchNorm statistics and EMA "
-                             "are unchanged (%d skipped in the last %d steps)", p.step, outcome.reason(),
-                             self.guard.skips_in_window(p.step), cfg.engine.nonfinite_window)
-        if verdict is Verdict.ROLLBACK:
-            self._roll_back(f"{self.guard.skips_in_window(p.step)} non-finite steps within "
-                            f"{cfg.engine.nonfinite_window} steps at step {p.step}")
+        self._unsettled.append(self.finish_step())
+        saving = bool(cfg.checkpoint.every_steps) and p.step % cfg.checkpoint.every_steps == 0 \
+            and p.step_in_epoch < self.steps_per_epoch
+        if (p.step % cfg.log.every_steps == 0 or saving or p.step_in_epoch >= self.steps_per_epoch) \
+                and not self._settle_steps():
             return False
         if p.step % cfg.log.every_steps == 0:
             self._log_step(loss, meter, bar)
-        if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0 \
-                and p.step_in_epoch < self.steps_per_epoch and self.save() is None:
+        if saving and self.save() is None:
             self._roll_back(f"the model was not finite at step {p.step} (checkpoint not written)")
             return False
+        return True
+
+    def _settle_steps(self) -> bool:
+        """Reads the verdicts of the steps since the last read (one host sync) and acts on them in
+        order: a warning per skipped step, the skip window, the roll back. False when it rolled back."""
+        cfg, outcomes, self._unsettled = self.cfg, self._unsettled, []
+        StepOutcome.settle_all(outcomes)
+        for outcome in outcomes:
+            step = outcome.step
+            verdict = self.guard.record(step, applied=not outcome.skipped)
+            if outcome.skipped:
+                self.log.warning("step %d skipped: %s; parameters, optimizer state, BatchNorm statistics and EMA "
+                                 "are unchanged (%d skipped in the last %d steps)", step, outcome.reason(),
+                                 self.guard.skips_in_window(step), cfg.engine.nonfinite_window)
+            if verdict is Verdict.ROLLBACK:
+                self._roll_back(f"{self.guard.skips_in_window(step)} non-finite steps within "
+                                f"{cfg.engine.nonfinite_window} steps at step {step}")
+                return False
         return True
 
     def _log_step(self, loss: torch.Tensor, meter: EpochMeter, bar: tqdm) -> None:
@@ -299,11 +320,18 @@ class Trainer(RunState):
         p = self.progress
         p.step += 1
         p.step_in_epoch += 1
-        outcome = self.step_guard.end(self.engine.was_step_applied(), p.step)
+        outcome = self.step_guard.end(self._step_not_applied(), p.step)
         self._position_schedule()
-        if not outcome.skipped and self.ema is not None:
-            self.ema.update(self.engine.module, step=p.step)
+        if self.ema is not None:
+            self.ema.update_unless_skipped(self.engine.module, p.step, outcome.skipped_on_device)
         return outcome
+
+    def _step_not_applied(self) -> torch.Tensor | bool:
+        """The optimizer's own verdict on the step just taken: FusedAdamW's device flag, or the
+        host bool DeepSpeed's ZeRO / low-precision optimizers keep."""
+        if isinstance(self.optimizer, FusedAdamW):
+            return self.optimizer.step_skipped
+        return not self.engine.was_step_applied()
 
     def _memory_scalars(self) -> dict[str, float]:
         if self.device.type == "cuda":
