@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=128, help="images per step")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--zero-stage", type=int, default=0, help="the recipes use ZeRO-0 (the fused step)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="decode workers")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps per case (cudnn autotuning, workers)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per case")

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         guard.begin(engine.module)
         engine.backward(guard.loss_for_backward(loss(), last_micro_batch=True))
         engine.step()
-        return not guard.end(engine.was_step_applied(), step=0).skipped
+        return not guard.end(not engine.was_step_applied(), step=0).skipped
 
     times = interleaved_times({"unguarded": unguarded, "guarded": guarded}, repeats=args.repeats, iters=1,
                               warmup=args.warmup, device=device)

@@ -15,3 +15,4 @@ run "$PY" bench/scaling.py --rounds 3
 run "$PY" bench/loader.py --images 768 --rounds 3
 run "$PY" bench/data_prep.py --images 3000 --rounds 3
 run "$PY" bench/nonfinite_guard.py --repeats 5
+run "$PY" bench/host_overhead.py

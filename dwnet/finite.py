@@ -32,8 +32,11 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     foreach form is one fused kernel per device and dtype on GPU."""
     if not tensors:
         return torch.tensor(True)
-    norms = torch._foreach_norm(list(tensors), float("inf"))
-    return torch.isfinite(torch.stack([n.float() for n in norms])).all()
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    norms = [torch.stack(torch._foreach_norm(group, float("inf"))).float() for group in by_dtype.values()]
+    return torch.isfinite(torch.cat(norms) if len(norms) > 1 else norms[0]).all()
 
 
 def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:

@@ -152,6 +152,28 @@ def test_accumulation_restores_buffers_from_before_the_first_micro_batch(digits,
     assert not changed(start, end), changed(start, end)[:5]
 
 
+def test_verdicts_are_read_at_logging_steps_and_name_the_skipped_step(digits, tmp_path):
+    """The host reads the steps' verdicts only at logging steps (every 4 here): the bad step 2 is
+    reported when step 4 ends, under its own number, and had changed nothing meanwhile."""
+    recorder = Recorder([(0, 1), (0, 2)])  # before step 2 (batch 1 is the bad one) and after it
+    skip_lines_before_batch: dict[int, int] = {}
+    with WarningLines() as lines:
+        def observe(epoch: int, batch: int) -> None:
+            recorder(epoch, batch)
+            skip_lines_before_batch[batch] = sum("skipped:" in line for line in lines)
+
+        trainer = digits_trainer(digits, tmp_path, "optim.epochs=1", "optim.warmup_epochs=0", "log.every_steps=4",
+                                 "engine.ema=true", "engine.ema_decay=0.9", bad={(0, 1): NAN}, observe=observe)
+        recorder.trainer = trainer
+        trainer.fit()
+    assert skip_lines_before_batch[2] == skip_lines_before_batch[3] == 0  # steps 2 and 3 done, nothing read
+    assert skip_lines_before_batch[4] == 1  # read when step 4 ended
+    assert [line.split(":")[0] for line in lines if "skipped:" in line] == ["step 2 skipped"]
+    assert trainer.guard.total_skipped == 1
+    before, after = recorder.states[(0, 1)], recorder.states[(0, 2)]
+    assert not changed(before, after), changed(before, after)[:5]
+
+
 def bn_overflow_model(cfg) -> nn.Module:
     """A BatchNorm whose input can overflow its variance while its output, and so the loss and
     the gradients, stay finite (1/sqrt(inf) is 0): only the running statistics see the Inf."""

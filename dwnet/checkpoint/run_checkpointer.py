@@ -78,10 +78,15 @@ class RunCheckpointer:
         self.loads_universal = False  # the current engine reads universal checkpoints
 
     # ---- saving ---------------------------------------------------------------------------
+    def save_due(self, step: int) -> bool:
+        """Is a periodic checkpoint due after optimizer step `step`? (The epoch's last step saves at
+        the end of the epoch instead.)"""
+        return bool(self.every_steps) and step % self.every_steps == 0 \
+            and self.states.progress.step_in_epoch < self.steps_per_epoch
+
     def maybe_save(self, step: int) -> None:
         """After optimizer step `step`: saves when one is due; RollBack if the model is not finite."""
-        if self.every_steps and step % self.every_steps == 0 \
-                and self.states.progress.step_in_epoch < self.steps_per_epoch:
+        if self.save_due(step):
             self.save()
 
     def save(self, is_best: bool = False, suffix: str = "") -> str:

@@ -10,6 +10,8 @@ from timm.scheduler import CosineLRScheduler
 
 from dwnet.config import OptimConfig
 
+from .fused_step import FusedAdamW
+
 
 @dataclass(frozen=True)
 class ScaledLRs:
@@ -41,10 +43,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that refuses a step whose gradients are not finite, and says so via `overflow`.
 
-    DeepSpeed's ZeRO and bf16 optimizers already skip such steps and expose `overflow`; the plain
-    fp32 ZeRO-0 path hands gradients straight to this optimizer, so the same guarantee (no
-    parameter or optimizer-state change) is given here. DeepSpeed reads `overflow` to count the
-    step as skipped.
+    DeepSpeed's ZeRO and bf16 optimizers already skip such steps and expose `overflow`; this is the
+    inner optimizer they wrap, and it refuses such a step itself too, so the guarantee (no parameter
+    or optimizer-state change) never rests on one check. DeepSpeed reads `overflow` to count the
+    step as skipped. Without ZeRO (fp32, bf16) `FusedAdamW` is used instead (`uses_fused_step`).
     """
 
     overflow: bool = False
@@ -59,8 +61,14 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, lrs: ScaledLRs) -> GuardedAdamW:
-    return GuardedAdamW(param_groups(model, optim.weight_decay), lr=lrs.base, betas=optim.betas, eps=optim.eps)
+def build_optimizer(model: nn.Module, optim: OptimConfig, lrs: ScaledLRs,
+                    fused_step: bool = False) -> torch.optim.AdamW:
+    """`FusedAdamW` (clipping at optim.grad_clip itself) when the engine runs the fused step, else
+    `GuardedAdamW` inside DeepSpeed's ZeRO / low-precision optimizer (which clips)."""
+    groups = param_groups(model, optim.weight_decay)
+    if fused_step:
+        return FusedAdamW(groups, max_norm=optim.grad_clip, lr=lrs.base, betas=optim.betas, eps=optim.eps)
+    return GuardedAdamW(groups, lr=lrs.base, betas=optim.betas, eps=optim.eps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, lrs: ScaledLRs,

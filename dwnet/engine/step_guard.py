@@ -1,24 +1,26 @@
 """Makes a non-finite optimizer step change nothing, on every rank.
 
 What a step can change, and how each is protected when the step is skipped:
-- parameters and optimizer state: the update is vetoed through DeepSpeed's own overflow check.
+- parameters and optimizer state: the update is vetoed by the optimizer's own check.
   A rank that saw a non-finite loss or BatchNorm statistic multiplies its last micro-batch's loss
   by NaN, so its gradients are non-finite; gradients are reduced over ranks before any optimizer
-  step, so every rank's overflow check (ZeRO 1-3, bf16) or GuardedAdamW (fp32 ZeRO-0) refuses
-  the same update. This also catches a *finite* loss whose activations overflowed a BN statistic.
+  step, so every rank's check refuses the same update: `FusedAdamW`'s device flag without ZeRO,
+  DeepSpeed's overflow check at ZeRO 1-3. This also catches a *finite* loss whose activations
+  overflowed a BN statistic.
 - BatchNorm running statistics and `num_batches_tracked` (and any other buffer): written by the
   forward pass itself, before anything can be checked. They are copied at the start of the step
-  (before its first micro-batch) and copied back on every rank when the step is skipped.
-- EMA: updated only after a step is known to be kept.
-The decision is one all-reduced flag vector, so ranks cannot disagree about a skip.
+  (before its first micro-batch) and, when the step is skipped, put back on every rank.
+- EMA: its update is weighted by "kept" (0 or 1) on the device.
+The decision is one all-reduced flag vector, so ranks cannot disagree about a skip. It stays on the
+device: nothing in a step waits for the host to read it. `StepOutcome` reads it when asked, and
+the trainer asks for all the steps since the last one at once, at its logging and saving steps.
 
 Skipping is for bad luck; `SkipWindow` decides when it is not enough: `max_skips` skips within
-`window` steps mean the run is unstable, and `end()`'s verdict asks for a rollback.
+`window` steps mean the run is unstable, and `settle()` gives the verdict that asks for a rollback.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -82,14 +84,56 @@ class SkipWindow:
         self.skipped_steps.clear()
 
 
-@dataclass(frozen=True)
 class StepOutcome:
-    skipped: bool
-    loss_ranks: int = 0  # ranks whose loss (any micro-batch) was not finite
-    buffer_ranks: int = 0  # ranks whose BatchNorm statistics were not finite
-    world_size: int = 1
-    verdict: Verdict = Verdict.OK
-    skips_in_window: int = 0
+    """One optimizer step's verdict, all-reduced over ranks. The flags stay on the device until a
+    field is read (a host sync); `settle_all` reads many outcomes with one."""
+
+    def __init__(self, step: int, flags: torch.Tensor, world_size: int) -> None:
+        self.step = step
+        self.flags = flags  # float [non-finite-loss ranks, non-finite-buffer ranks, unapplied ranks]
+        self.world_size = world_size
+        self.skipped_on_device = flags.sum() > 0  # 0-dim bool, for what must follow the verdict unread
+        self._counts: list[int] | None = None
+        self.verdict = Verdict.OK  # set by StepGuard.settle, with the window's count after this step
+        self.skips_in_window = 0
+
+    @staticmethod
+    def settle_all(outcomes: list[StepOutcome]) -> None:
+        """Reads every outcome's flags back in one transfer."""
+        unread = [o for o in outcomes if o._counts is None]
+        if unread:
+            for outcome, counts in zip(unread, torch.stack([o.flags for o in unread]).tolist(), strict=True):
+                outcome._settle(counts)
+
+    def _settle(self, counts: list[float]) -> None:
+        loss_ranks, buffer_ranks, unapplied_ranks = (int(v) for v in counts)
+        self._counts = [loss_ranks, buffer_ranks, unapplied_ranks]
+        if (loss_ranks or buffer_ranks or unapplied_ranks) and unapplied_ranks != self.world_size:
+            # Gradients are reduced before stepping, so a vetoed step is refused everywhere;
+            # anything else means replicas now differ, and training on would hide it.
+            raise RuntimeError(
+                f"step {self.step}: the update was applied on {self.world_size - unapplied_ranks} of "
+                f"{self.world_size} ranks although it was not finite; the model replicas differ. "
+                "Resume from the last checkpoint; if this repeats, report it with the DeepSpeed config")
+
+    def _read(self) -> list[int]:
+        if self._counts is None:
+            self._settle(self.flags.tolist())
+        return self._counts
+
+    @property
+    def loss_ranks(self) -> int:
+        """Ranks whose loss (any micro-batch) was not finite."""
+        return self._read()[0]
+
+    @property
+    def buffer_ranks(self) -> int:
+        """Ranks whose BatchNorm statistics were not finite."""
+        return self._read()[1]
+
+    @property
+    def skipped(self) -> bool:
+        return any(self._read())
 
     def reason(self) -> str:
         parts = []
@@ -101,24 +145,44 @@ class StepOutcome:
 
 
 class BufferSnapshot:
-    """A copy of every buffer of a module, taken and put back with one foreach copy each way."""
+    """A copy of every buffer of a module, taken before a step and put back on the device if the
+    step is skipped. The module's buffers are rebound to views of one flat tensor per dtype and
+    device, so that taking the copy and putting it back are one operation each per group."""
 
     def __init__(self) -> None:
+        self._views: list[torch.Tensor] = []  # the module's buffers, as views of `_live`
         self._live: list[torch.Tensor] = []
         self._saved: list[torch.Tensor] = []
 
     def capture(self, module: nn.Module) -> None:
-        # Listed afresh each time: a rebuilt engine (precision fallback) brings new buffer tensors.
-        live = list(module.buffers())
-        if [(t.shape, t.dtype, t.device) for t in live] != [(t.shape, t.dtype, t.device) for t in self._saved]:
-            self._saved = [t.detach().clone() for t in live]
-        elif live:
-            torch._foreach_copy_(self._saved, live)
-        self._live = live
-
-    def restore(self) -> None:
+        # Checked each time: a rebuilt engine (precision fallback) or a cast brings new buffer tensors.
+        buffers = list(module.buffers())
+        if len(buffers) != len(self._views) or any(b is not v for b, v in zip(buffers, self._views)):
+            self._flatten(module)
         if self._live:
-            torch._foreach_copy_(self._live, self._saved)
+            torch._foreach_copy_(self._saved, self._live)
+
+    def _flatten(self, module: nn.Module) -> None:
+        owners = [(m, name, b) for m in module.modules() for name, b in m._buffers.items() if b is not None]
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, _, b) in enumerate(owners):
+            groups.setdefault((b.dtype, b.device), []).append(i)
+        self._live, views = [], {}
+        for (dtype, device), members in groups.items():
+            flat = torch.cat([owners[i][2].detach().reshape(-1) for i in members]).to(device=device, dtype=dtype)
+            pieces = flat.split([owners[i][2].numel() for i in members])
+            for i, piece in zip(members, pieces, strict=True):
+                views[i] = piece.view(owners[i][2].shape)
+            self._live.append(flat)
+        for i, (owner, name, _) in enumerate(owners):
+            owner._buffers[name] = views[i]
+        self._views = list(module.buffers())
+        self._saved = [flat.clone() for flat in self._live]
+
+    def restore_where(self, skipped: torch.Tensor) -> None:
+        """Puts the captured values back where `skipped` (a 0-dim device tensor) is true."""
+        for live, saved in zip(self._live, self._saved, strict=True):
+            live.copy_(torch.where(skipped.to(device=live.device, dtype=torch.bool), saved, live))
 
     def floating(self) -> list[torch.Tensor]:
         return [t for t in self._live if t.is_floating_point()]
@@ -153,30 +217,31 @@ class StepGuard:
         keep = self._losses_finite & self._buffers_finite
         return loss * torch.where(keep, 1.0, float("nan")).to(loss.dtype)
 
-    def end(self, applied: bool, step: int) -> StepOutcome:
-        """Collective. Decides the step on all ranks at once; restores the buffers if skipped, and
-        says whether the skips have become too many (`StepOutcome.verdict`)."""
+    def end(self, not_applied: torch.Tensor | bool, step: int) -> StepOutcome:
+        """Collective. Decides the step on all ranks at once and puts the buffers back if it was
+        skipped, on the device. `not_applied`: the optimizer's own verdict (a device flag, or
+        DeepSpeed's host bool)."""
         if self._losses_finite is None or self._buffers_finite is None:
             raise RuntimeError("StepGuard.end() without loss_for_backward(last_micro_batch=True) this step")
-        flags = torch.stack([~self._losses_finite, ~self._buffers_finite,
-                             torch.tensor(not applied, device=self._losses_finite.device)]).to(torch.float32)
+        device = self._losses_finite.device
+        not_applied = torch.as_tensor(not_applied, device=device).reshape(())
+        flags = torch.stack([~self._losses_finite, ~self._buffers_finite, not_applied.bool()]).to(torch.float32)
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(flags)
-        loss_ranks, buffer_ranks, unapplied_ranks = (int(v) for v in flags.tolist())
-        skipped = bool(loss_ranks or buffer_ranks or unapplied_ranks)
-        if skipped and unapplied_ranks != self.world_size:
-            # DeepSpeed reduces gradients before stepping, so a vetoed step is refused everywhere;
-            # anything else means replicas now differ, and training on would hide it.
-            raise RuntimeError(
-                f"step {step}: DeepSpeed applied the update on {self.world_size - unapplied_ranks} of "
-                f"{self.world_size} ranks although it was not finite; the model replicas differ. "
-                "Resume from the last checkpoint; if this repeats, report it with the DeepSpeed config")
-        if skipped:
-            self.snapshot.restore()
-        verdict = self.window.record(step, applied=not skipped)
-        return StepOutcome(skipped, loss_ranks, buffer_ranks, self.world_size, verdict,
-                           self.window.skips_in_window(step))
+        outcome = StepOutcome(step, flags, self.world_size)
+        self.snapshot.restore_where(outcome.skipped_on_device)
+        return outcome
+
+    def settle(self, outcomes: list[StepOutcome]) -> list[StepOutcome]:
+        """Reads the outcomes' flags in one transfer and records them, in step order, in the skip
+        window; each outcome then carries its `verdict` and `skips_in_window`."""
+        StepOutcome.settle_all(outcomes)
+        for outcome in outcomes:
+            outcome.verdict = self.window.record(outcome.step, applied=not outcome.skipped)
+            outcome.skips_in_window = self.window.skips_in_window(outcome.step)
+        return outcomes
 
     @property
     def total_skipped(self) -> int:
+        """Skipped steps among those settled so far."""
         return self.window.total_skipped

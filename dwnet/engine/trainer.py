@@ -19,7 +19,7 @@ import deepspeed
 import torch
 import torch.nn as nn
 from timm.loss import SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3, distribute_bn
+from timm.utils import distribute_bn
 
 import dwnet.models  # noqa: F401  (registers the models)
 from dwnet.checkpoint.layout import checkpoint_root
@@ -32,7 +32,9 @@ from dwnet.data.sharding import StepLayout, check_enough_samples
 from dwnet.models import build_model
 
 from .bn_accumulation import accumulation_momentum, batchnorms
-from .ds_config import DTYPES, build_deepspeed_config
+from .ds_config import DTYPES, build_deepspeed_config, uses_fused_step
+from .ema import StepGatedEma
+from .fused_step import FusedAdamW
 from .meters import EpochMeter
 from .metrics import evaluate
 from .optim import build_optimizer, build_scheduler, scaled_lrs
@@ -84,6 +86,7 @@ class Trainer:
             self.checkpoints, rank, self.log, cfg.checkpoint.keep_last, states=self, skips=self.guard.window,
             layout=self.layout, zero_stage=cfg.engine.zero_stage, seed=cfg.engine.seed,
             every_steps=cfg.checkpoint.every_steps, steps_per_epoch=self.steps_per_epoch)
+        self._unsettled: list[StepOutcome] = []  # steps whose verdict the host has not read yet
         if plan is None:
             self.build_engine(cfg.engine.precision)
         else:
@@ -130,15 +133,18 @@ class Trainer:
         model = self.model_factory(cfg)
         if state_dict is not None:
             model.load_state_dict(state_dict)
-        self.ema = ModelEmaV3(model, decay=cfg.engine.ema_decay, device=self.device) if cfg.engine.ema else None
+        self.ema = StepGatedEma(model, decay=cfg.engine.ema_decay, device=self.device) if cfg.engine.ema else None
         self.lrs = scaled_lrs(cfg.optim, self.layout.global_batch)
-        optimizer = build_optimizer(model, cfg.optim, self.lrs)
+        optimizer = build_optimizer(model, cfg.optim, self.lrs,
+                                    fused_step=uses_fused_step(cfg.engine.zero_stage, precision))
         self.progress.precision = precision
         self.ds_config = build_deepspeed_config(cfg, self.world_size, precision)
         if load_universal:  # read only by load_checkpoint: saves stay in the ordinary format
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
+        if isinstance(optimizer, FusedAdamW):
+            optimizer.attach(self.engine)
         self.batchnorms = batchnorms(self.engine.module)
         if cfg.model.compile:
             self.engine.compile()  # DeepSpeed's wrapper around torch.compile, aware of ZeRO hooks
@@ -225,19 +231,32 @@ class Trainer:
 
     def _after_step(self, loss: torch.Tensor, meter: EpochMeter) -> None:
         """The optimizer-step boundary: keep or skip the step, RollBack on persistent trouble, log,
-        and let the checkpointer save when one is due."""
-        p, window = self.progress, self.cfg.engine.nonfinite_window
-        outcome = self.finish_step()
+        and let the checkpointer save when one is due. The verdicts are read at logging and saving
+        steps and at the end of the epoch, all since the last read at once: in between the host
+        never waits for the device (a skipped step has changed nothing either way)."""
+        p = self.progress
+        self._unsettled.append(self.finish_step())
         self.log.step_done()
-        if outcome.skipped:
-            self.log.warning("step %d skipped: %s; parameters, optimizer state, BatchNorm statistics and EMA "
-                             "are unchanged (%d skipped in the last %d steps)", p.step, outcome.reason(),
-                             outcome.skips_in_window, window)
-        if outcome.verdict is Verdict.ROLLBACK:
-            raise RollBack(f"{outcome.skips_in_window} non-finite steps within {window} steps at step {p.step}")
-        if p.step % self.cfg.log.every_steps == 0:
+        logging = p.step % self.cfg.log.every_steps == 0
+        if logging or self.checkpointer.save_due(p.step):
+            self._settle_steps()
+        if logging:
             self._log_step(loss, meter)
         self.checkpointer.maybe_save(p.step)
+
+    def _settle_steps(self) -> None:
+        """Reads the verdicts of the steps since the last read (one host sync) and acts on them in
+        step order: a warning per skipped step, RollBack when the skips have become too many."""
+        outcomes, self._unsettled = self._unsettled, []
+        window = self.cfg.engine.nonfinite_window
+        for outcome in self.guard.settle(outcomes):
+            if outcome.skipped:
+                self.log.warning("step %d skipped: %s; parameters, optimizer state, BatchNorm statistics and EMA "
+                                 "are unchanged (%d skipped in the last %d steps)", outcome.step, outcome.reason(),
+                                 outcome.skips_in_window, window)
+            if outcome.verdict is Verdict.ROLLBACK:
+                raise RollBack(f"{outcome.skips_in_window} non-finite steps within {window} steps at step "
+                               f"{outcome.step}")
 
     def _log_step(self, loss: torch.Tensor, meter: EpochMeter) -> None:
         ips, data_fraction = meter.interval()
@@ -263,17 +282,24 @@ class Trainer:
 
     def finish_step(self) -> StepOutcome:
         """Collective, after the step's last micro_step: counts the step, decides on every rank
-        at once whether it was kept (a skipped one has changed nothing) and whether the skips call
-        for a rollback (`StepOutcome.verdict`), moves the LR schedule, and updates the EMA if the
-        step was kept."""
+        at once whether it was kept (a skipped one has changed nothing), moves the LR schedule, and
+        updates the EMA unless the step was skipped, all on the device; the outcome is read when
+        asked (`StepGuard.settle` also gives the skip window's verdict)."""
         p = self.progress
         p.step += 1
         p.step_in_epoch += 1
-        outcome = self.guard.end(self.engine.was_step_applied(), p.step)
+        outcome = self.guard.end(self._step_not_applied(), p.step)
         self.position_schedule()
-        if not outcome.skipped and self.ema is not None:
-            self.ema.update(self.engine.module, step=p.step)
+        if self.ema is not None:
+            self.ema.update_unless_skipped(self.engine.module, p.step, outcome.skipped_on_device)
         return outcome
+
+    def _step_not_applied(self) -> torch.Tensor | bool:
+        """The optimizer's own verdict on the step just taken: FusedAdamW's device flag, or the
+        host bool DeepSpeed's ZeRO / low-precision optimizers keep."""
+        if isinstance(self.optimizer, FusedAdamW):
+            return self.optimizer.step_skipped
+        return not self.engine.was_step_applied()
 
     def _memory_scalars(self) -> dict[str, float]:
         if self.device.type == "cuda":
@@ -283,6 +309,7 @@ class Trainer:
 
     def _end_of_epoch(self, stats: dict) -> dict:
         """Evaluates, records and saves the finished epoch; RollBack if the model is not finite."""
+        self._settle_steps()  # the epoch's last verdicts, before anything is judged or saved
         p = self.progress
         p.epoch += 1
         p.step_in_epoch = 0
