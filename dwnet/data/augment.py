@@ -54,10 +54,6 @@ class BatchAugment:
                                label_smoothing=augment.label_smoothing, num_classes=num_classes)
         self.label_smoothing = augment.label_smoothing
 
-    @property
-    def soft_targets(self) -> bool:
-        return self.mixup is not None or self.label_smoothing > 0
-
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, key: int,
                  channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 NCHW images and int labels (on the device) -> (normalised float images, targets):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
-from typing import Iterator
+from collections.abc import Iterator
 
 import numba
 import numpy as np

@@ -14,7 +14,7 @@ in ffcv's numba threads, with two changes to ffcv's RandomResizedCrop / CenterCr
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder

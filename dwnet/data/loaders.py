@@ -1,7 +1,7 @@
 """The train and val loaders the engine uses, over either backend (ffcv .beton or ImageFolder)."""
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -4,7 +4,8 @@ random streams' keys and the augmentations stay in the loaders, so both backends
 batches."""
 from __future__ import annotations
 
-from typing import Generator, Protocol
+from collections.abc import Generator
+from typing import Protocol
 
 import numpy as np
 import torch

@@ -269,7 +269,7 @@ def _advertised_address() -> str:
             return ip
     except OSError:
         pass
-    for name, items in addrs.items():
+    for items in addrs.values():
         for a in items:
             if a.family == socket.AF_INET:
                 ip = ipaddress.ip_address(a.address)

@@ -97,7 +97,6 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
     backend defaults to nccl on CUDA, gloo on CPU.
     """
     global _ENV
-    import torch
     import torch.distributed as dist
 
     if timeout_s is None:

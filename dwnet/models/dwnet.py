@@ -298,7 +298,7 @@ def _create_dwnet(variant: str, pretrained: bool = False, **kwargs) -> DWNet:
     )
 
 
-# The four published models (exact sizes in DWNET.md and tests/test_models.py), then small
+# The four published models (exact sizes in the README's Models table), then small
 # variants for tests and CPU runs. Keyword arguments override the architecture defaults.
 @register_model
 def dwnet_tiny(pretrained: bool = False, **kwargs) -> DWNet:
