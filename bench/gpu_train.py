@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed steps per case")
     p.add_argument("--profile-steps", type=int, default=3, help="steps of the first model under the profiler")
     p.add_argument("--compile", action="store_true", help="also time the first model under torch.compile")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"), default="reduce-overhead",
+                   help="model.compile_mode of that case (reduce-overhead: the step captured in CUDA graphs)")
     p.add_argument("--compare-imagefolder", metavar="TREE",
                    help="with --backend ffcv: also time the first model's loader on this ImageFolder tree")
     p.add_argument("--sweep", action="store_true",
@@ -71,6 +73,7 @@ def run_config(args: argparse.Namespace, model: str, run_dir: str, num_classes: 
 
     return load_config(None, [
         f"model.name={model}", f"model.num_classes={num_classes}", f"model.compile={str(compile_).lower()}",
+        f"model.compile_mode={args.compile_mode}",
         "model.channels_last=true", f"data.backend={args.backend}", f"data.train_path={args.data}",
         f"data.image_size={args.image_size}", f"data.batch_size={args.batch}", f"data.num_workers={args.workers}",
         f"engine.precision={args.precision}", f"engine.zero_stage={args.zero_stage}", "optim.epochs=1000",
@@ -144,7 +147,7 @@ def bench_model(args, name: str, device: torch.device, peak: float, num_classes:
         trainer = Trainer(cfg, 0, 1, device, model_factory=model_factory(args.image_size))
         module = trainer.engine.module
         result: dict[str, Any] = {
-            "model": name + (" (torch.compile)" if compile_ else ""),
+            "model": name + (f" (torch.compile, {args.compile_mode})" if compile_ else ""),
             "params_m": sum(p.numel() for p in module.parameters()) / 1e6,
             "fwd_gflops_per_image": forward_flops(module, args.image_size, device, trainer.dtype) / 1e9,
             "build_s": time.perf_counter() - t0,
@@ -217,7 +220,7 @@ def run_case(args, results: dict[str, Any], name: str, device: torch.device, num
              *, compile_: bool = False, profile: bool = False) -> None:
     """Benchmarks one model into `results` (or records why not) and saves the JSON: a later case that
     hangs must not cost the figures already taken."""
-    label = name + (" (torch.compile)" if compile_ else "")
+    label = name + (f" (torch.compile, {args.compile_mode})" if compile_ else "")
     if time.monotonic() > deadline:
         results["skipped"].append(label)
         return

@@ -24,6 +24,7 @@ Backend = Literal["ffcv", "imagefolder"]
 MixupMode = Literal["batch", "pair", "elem"]
 Precision = Literal["fp32", "bf16", "fp16"]
 ZeroStage = Literal[0, 1, 2, 3]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 
 
 class ConfigError(UserError, ValueError):
@@ -41,6 +42,8 @@ class ModelConfig:
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing per block"})
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across ranks (small per-rank batches)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    compile_mode: CompileMode = field(default="default", metadata={
+        "help": "with model.compile: reduce-overhead also captures forward and backward in CUDA graphs"})
 
 
 @dataclass

@@ -136,6 +136,28 @@ def test_engine_trains_on_cuda(process_group, tmp_path, zero_stage, precision):
 
 
 @gpu
+def test_captured_step_matches_the_eager_one_on_cuda(process_group, tmp_path):
+    """model.compile_mode=reduce-overhead replays forward and backward as CUDA graphs: the first
+    steps' losses and the weights after them are the eager engine's within bf16 tolerance."""
+    results = {}
+    for name, extra in [("eager", []), ("captured", ["model.compile=true", "model.compile_mode=reduce-overhead"])]:
+        trainer = cuda_trainer(tmp_path / name, "engine.precision=bf16", "engine.zero_stage=0", *extra)
+        assert trainer.captured == (name == "captured")
+        losses = []
+        for step, (images, labels) in enumerate(trainer.train_loader.epoch(0, layout=trainer.layout)):
+            if step == 6:
+                break
+            losses.append(trainer.micro_step(images, labels, micro_batch=0).item())
+            trainer.finish_step()
+        results[name] = torch.tensor(losses), weights(trainer)
+    (eager_losses, eager_weights), (losses, captured_weights) = results["eager"], results["captured"]
+    torch.testing.assert_close(losses, eager_losses, atol=0.05, rtol=0.02)
+    for key, value in eager_weights.items():
+        if key.endswith("weight"):
+            assert relative_error(captured_weights[key], value) < 0.05, key
+
+
+@gpu
 @pytest.mark.parametrize("settings", [("fp32", 0), ("bf16", 2)], ids=["fp32-zero0", "bf16-zero2"])
 def test_nonfinite_step_is_skipped_on_cuda(process_group, tmp_path, settings):
     precision, zero_stage = settings

@@ -55,3 +55,50 @@ def test_compile_fullgraph_eval_matches_eager(dynamic):
         compiled = torch.compile(model, fullgraph=True)
         x = torch.randn(2, 3, 64, 64)
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+# ---- the training engine under model.compile ----------------------------------------------------
+def test_compile_options_say_when_the_step_cannot_be_captured():
+    from dwnet.engine.capture import compile_options
+
+    assert compile_options("default", torch.device("cuda"), 0) == ({}, None)
+    assert compile_options("max-autotune", torch.device("cpu"), 0) == ({"mode": "max-autotune"}, None)
+    assert compile_options("reduce-overhead", torch.device("cuda"), 2) == ({"mode": "reduce-overhead"}, None)
+    for device, stage, why in [("cpu", 0, "need a CUDA device"), ("cuda", 3, "ZeRO-3")]:
+        options, line = compile_options("reduce-overhead", torch.device(device), stage)
+        assert options == {} and why in line and "\n" not in line
+
+
+def test_compiled_engine_trains_like_the_eager_one(tmp_path, process_group):
+    """model.compile with compile_mode=reduce-overhead on CPU: says in one line that the step is
+    not captured there, and its first steps' losses are the eager engine's (fp32, 1e-4)."""
+    import logging
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import engine_worker
+    from tensor_loaders import TensorTrainLoader, synthetic_dataset
+
+    from dwnet.engine import Trainer
+
+    images, labels = synthetic_dataset(64)
+    losses = {}
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("dwnet").addHandler(handler)
+    try:
+        for name, extra in [("eager", []), ("compiled", ["model.compile=true", "model.compile_mode=reduce-overhead"])]:
+            cfg = engine_worker.tiny_run_config(str(tmp_path / name), "optim.epochs=1", *extra)
+            trainer = Trainer(cfg, 0, 1, torch.device("cpu"), train_loader=TensorTrainLoader(images, labels, 16),
+                              model_factory=lambda _: smallest(dynamic=False))
+            assert trainer.engine.is_compiled == (name == "compiled") and not trainer.captured
+            losses[name] = []
+            for i in range(0, 48, 16):
+                losses[name].append(trainer.micro_step(images[i:i + 16], labels[i:i + 16], micro_batch=0).item())
+                trainer.finish_step()
+    finally:
+        logging.getLogger("dwnet").removeHandler(handler)
+    assert sum("compile_mode=reduce-overhead captures CUDA graphs" in line for line in lines) == 1, lines
+    torch.testing.assert_close(torch.tensor(losses["compiled"]), torch.tensor(losses["eager"]), atol=1e-4, rtol=1e-4)

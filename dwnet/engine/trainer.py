@@ -32,6 +32,7 @@ from dwnet.data.sharding import StepLayout, check_enough_samples
 from dwnet.models import build_model
 
 from .bn_accumulation import accumulation_momentum, batchnorms
+from .capture import begin_captured_step, compile_options
 from .ds_config import DTYPES, build_deepspeed_config, uses_fused_step
 from .ema import StepGatedEma
 from .fused_step import FusedAdamW
@@ -146,8 +147,14 @@ class Trainer:
         if isinstance(optimizer, FusedAdamW):
             optimizer.attach(self.engine)
         self.batchnorms = batchnorms(self.engine.module)
+        self.captured = False
         if cfg.model.compile:
-            self.engine.compile()  # DeepSpeed's wrapper around torch.compile, aware of ZeRO hooks
+            options, not_captured = compile_options(cfg.model.compile_mode, self.device, cfg.engine.zero_stage)
+            if not_captured:
+                self.log.info("%s", not_captured)
+            # DeepSpeed's wrapper around torch.compile, aware of ZeRO hooks
+            self.engine.compile(compile_kwargs=options)
+            self.captured = options.get("mode") == "reduce-overhead"
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.lrs, max(self.steps_per_epoch, 1))
         self.position_schedule()
         self.log.monitor = getattr(self.engine, "monitor", None)
@@ -272,6 +279,7 @@ class Trainer:
         DeepSpeed applies the update after the last one. Returns the detached loss."""
         if micro_batch == 0:
             self.guard.begin(self.engine.module)  # the buffers as they were before this step
+            begin_captured_step(self.captured)  # not between micro-batches: their gradients add up
         with accumulation_momentum(self.batchnorms, micro_batch, self.cfg.optim.accumulation_steps):
             logits = self.engine(images.to(self.dtype))
         loss = self.loss_fn(logits, targets)
