@@ -3,7 +3,7 @@
 Timings on a shared machine drift by tens of percent within a minute, so every benchmark times
 its cases *interleaved* (A, B, A, B, ...) and reports medians: a ratio of two medians taken in
 the same rounds is meaningful even when the absolute figures are not. The clock itself (device
-synchronisation included) is `dwnet.engine.throughput`'s, shared with `train.py --throughput`.
+synchronisation included) is `dwnet.timing`'s, shared with `train.py --throughput`.
 """
 from __future__ import annotations
 

@@ -10,10 +10,15 @@ Where things live (one home per contract):
 - `data/`: FFCV and ImageFolder loaders (`loaders`, `readers`), the .beton format (`beton_format`),
   augmentations, the world-size-independent sample order (`sharding`).
 - `engine/`: the training loop. The `Trainer` (`trainer`), its step guard (`step_guard`: a
-  non-finite step changes nothing, and the skip window decides when to roll back), AdamW groups
-  and schedule (`optim`), the generated DeepSpeed config and dtypes (`ds_config`), BatchNorm
+  non-finite step changes nothing, decided on the device, and the skip window decides when to roll
+  back), AdamW groups and schedule (`optim`), the ZeRO-0 optimizer step in a few multi-tensor
+  operations (`fused_step`), the EMA gated on the step's verdict (`ema`), the generated DeepSpeed
+  config and dtypes (`ds_config`), compiling and CUDA-graph capture (`capture`), BatchNorm
   momentum under accumulation (`bn_accumulation`), meters, evaluation (`metrics`), the run log,
   progress bar and epoch report (`run_log`), throughput.
+- `distributed/`: launcher discovery (`discovery`), process group and device binding
+  (`process_group`), the fail-fast exit wrapper (`failfast`), the peer watchdog (`watchdog`) and
+  the check that the network interface reaches the rendezvous (`interface_probe`).
 - `checkpoint/`: everything a checkpoint is, never importing `engine/`. Names of tags, pointers and
   DeepSpeed's files, the COMPLETE metadata (`TagMeta`) and sizes (`layout`, the leaf); saving,
   loading, pruning and verifying tags (`checkpointing`); disk space (`space`); resharding through
@@ -22,10 +27,10 @@ Where things live (one home per contract):
   save and when, restore, roll back (`run_checkpointer`); the fp32 export (`export`).
 - `finite`: is a model or checkpoint finite (shared by the step guard, saves, export and eval).
 - `timing`: the device clock of the package and of `bench/`.
-- `distributed/`: launcher discovery (`discovery`), process group and device binding
-  (`process_group`), the fail-fast exit wrapper (`failfast`).
 - `preflight`: checks every rank runs before training.
 - `deploy/`: ONNX and `torch.export` files.
+- `fault_hooks`: faults injected by environment variables, for the launch tests (slow save, slow
+  step, which host and network stack a rank runs on).
 
 Outside the package: `train.py` (the entry point), `data_prep/` (.beton conversion), `bench/`
 (benchmarks; engines built through `dwnet.engine.Trainer`), `launch/` (launcher recipes).

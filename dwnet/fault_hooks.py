@@ -41,7 +41,7 @@ def apply_fault_hooks(rank: int) -> None:
         with open(os.path.join(record, f"rank{rank}.json"), "w") as f:
             json.dump(info, f)
     if os.environ.get("DWNET_TEST_SLOW_SAVE_S"):
-        from dwnet.engine import checkpointing
+        from dwnet.checkpoint import checkpointing
 
         seconds = float(os.environ["DWNET_TEST_SLOW_SAVE_S"])
         say = f"[rank {rank}] slow save: {seconds:g} s (test hook)"

@@ -87,13 +87,13 @@ def _launch(hosts: TwoHosts, run: Path, script: str, env: dict, betons: Path, na
 
 
 def _root(run: Path) -> str:
-    from dwnet.engine.checkpointing import checkpoint_root
+    from dwnet.checkpoint.layout import checkpoint_root
 
     return checkpoint_root(str(run / "run"))
 
 
 def _complete(run: Path) -> list[str]:
-    from dwnet.engine.checkpointing import complete_tags
+    from dwnet.checkpoint.layout import complete_tags
 
     root = _root(run)
     return complete_tags(root) if os.path.isdir(root) else []
@@ -122,7 +122,7 @@ def _wait_gone(pids: list[int], deadline: float) -> list[int]:
 
 
 def _verify_tags(run: Path) -> None:
-    from dwnet.engine.checkpointing import verify_tag
+    from dwnet.checkpoint.checkpointing import verify_tag
 
     for tag in _complete(run):
         assert verify_tag(_root(run), tag) is None, tag
