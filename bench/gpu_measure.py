@@ -18,14 +18,16 @@ DATASHEET_BF16_PEAK = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S
 
 
 def forward_flops(model: torch.nn.Module, image_size: int, device: torch.device, dtype: torch.dtype) -> float:
-    """FLOPs (2 per multiply-add) of one forward pass per image, counted at batch 2 in eval mode."""
+    """FLOPs (2 per multiply-add) of one forward pass per image, counted at batch 2 in eval mode, in
+    `dtype`: the weights' own, or autocast to it over fp32 weights (bf16 without ZeRO)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()
-    x = torch.randn(2, 3, image_size, image_size, device=device, dtype=dtype)
+    weights = next(model.parameters()).dtype
+    x = torch.randn(2, 3, image_size, image_size, device=device, dtype=weights)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != weights), counter:
         model(x)
     model.train(was_training)
     return counter.get_total_flops() / 2
