@@ -13,19 +13,22 @@ import torch
 
 def compile_options(mode: str, device: torch.device, zero_stage: int) -> tuple[dict, str | None]:
     """torch.compile keyword arguments for the engine, and the line that says why the step is not
-    captured (None when it is, or when no capture was asked for)."""
+    captured (None when it is, or when no capture was asked for). Shapes are static: training
+    batches all have one size, and a smaller last evaluation batch gets a graph of its own instead
+    of turning every graph symbolic."""
+    static = {"dynamic": False}
     if mode == "default":
-        return {}, None
+        return static, None
     if mode != "reduce-overhead":
-        return {"mode": mode}, None
+        return {**static, "mode": mode}, None
     if device.type != "cuda":
-        return {}, (f"model.compile_mode=reduce-overhead captures CUDA graphs, which need a CUDA device; on "
-                    f"{device.type} the model is compiled without them")
+        return static, (f"model.compile_mode=reduce-overhead captures CUDA graphs, which need a CUDA device; on "
+                        f"{device.type} the model is compiled without them")
     if zero_stage == 3:
-        return {}, ("model.compile_mode=reduce-overhead: ZeRO-3 gathers each layer's parameters in hooks during "
-                    "the forward, which a CUDA graph cannot replay; compiled without graphs (engine.zero_stage<=2 "
-                    "captures)")
-    return {"mode": "reduce-overhead"}, None
+        return static, ("model.compile_mode=reduce-overhead: ZeRO-3 gathers each layer's parameters in hooks "
+                        "during the forward, which a CUDA graph cannot replay; compiled without graphs "
+                        "(engine.zero_stage<=2 captures)")
+    return {**static, "mode": "reduce-overhead"}, None
 
 
 def begin_captured_step(captured: bool) -> None:
