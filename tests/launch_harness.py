@@ -70,6 +70,17 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def sshd_config(keys: Path, listen: str, port: int, pid_file: Path, *extra: str) -> str:
+    """A throw-away sshd's config: key login as root with the test's keys in `keys`, on `listen`:`port`
+    only, nothing else enabled (no PAM, passwords, forwarding, DNS)."""
+    lines = [f"Port {port}", f"ListenAddress {listen}", f"HostKey {keys / 'host_ed25519'}", f"PidFile {pid_file}",
+             f"AuthorizedKeysFile {keys / 'authorized_keys'}", "PermitRootLogin yes", "StrictModes no", "UsePAM no",
+             "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+             "UseDNS no", "PrintMotd no", "PrintLastLog no", "X11Forwarding no", "AllowTcpForwarding no",
+             "MaxStartups 64", *extra, "LogLevel ERROR"]
+    return "\n".join(lines) + "\n"
+
+
 def alive(pid: int) -> bool:
     """True while `pid` runs (a zombie waiting for its parent counts as gone)."""
     try:
@@ -155,26 +166,7 @@ class LoopbackSSH:
 
     def _write_configs(self) -> None:
         d = self.dir
-        (d / "sshd_config").write_text(f"""\
-Port {self.port}
-ListenAddress 127.0.0.1
-HostKey {d / 'host_ed25519'}
-PidFile {d / 'sshd.pid'}
-AuthorizedKeysFile {d / 'authorized_keys'}
-PermitRootLogin yes
-StrictModes no
-UsePAM no
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UseDNS no
-PrintMotd no
-PrintLastLog no
-X11Forwarding no
-AllowTcpForwarding no
-MaxStartups 64
-LogLevel ERROR
-""")
+        (d / "sshd_config").write_text(sshd_config(d, "127.0.0.1", self.port, d / "sshd.pid"))
         self.config.write_text(f"""\
 Host *
   Port {self.port}

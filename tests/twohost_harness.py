@@ -23,7 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from launch_harness import SSH, SSHD, Launch, _die_with_parent, kill_pids
+from launch_harness import SSH, SSHD, Launch, _die_with_parent, kill_pids, sshd_config
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
 
@@ -125,28 +125,9 @@ Host *
         wrapper.chmod(0o755)
         for host, ns in self.ns.items():
             config = d / f"sshd_{host}.conf"
-            config.write_text(f"""\
-Port 22
-ListenAddress {self.addr[host]}
-HostKey {d / 'host_ed25519'}
-PidFile {d / f'sshd_{host}.pid'}
-AuthorizedKeysFile {d / 'authorized_keys'}
-PermitRootLogin yes
-StrictModes no
-UsePAM no
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UseDNS no
-PrintMotd no
-PrintLastLog no
-X11Forwarding no
-AllowTcpForwarding no
-MaxStartups 64
-ClientAliveInterval 5
-ClientAliveCountMax 3
-LogLevel ERROR
-""")
+            # the host end of a cut link gives up on its sessions too
+            config.write_text(sshd_config(d, self.addr[host], 22, d / f"sshd_{host}.pid",
+                                          "ClientAliveInterval 5", "ClientAliveCountMax 3"))
             log = open(d / f"sshd_{host}.log", "w")
             # `ip netns exec` execs sshd: the pid is sshd's own
             self.sshd[host] = subprocess.Popen([IP, "netns", "exec", ns, SSHD, "-D", "-e", "-f", str(config)],
