@@ -98,6 +98,8 @@ class EngineConfig:
     ema_decay: float = field(default=0.9998, metadata={"help": "EMA decay per optimizer step"})
     nonfinite_max_skips: int = field(default=5, metadata={"help": "skipped non-finite steps within the window that trigger a rollback"})
     nonfinite_window: int = field(default=200, metadata={"help": "optimizer steps the skip count looks back over"})
+    fused_step: bool = field(default=True, metadata={"help": "ZeRO 0-2, fp32/bf16: average, clip and veto the "
+                                                     "gradients in a few multi-tensor operations (false: DeepSpeed's own per-tensor path)"})
 
 
 @dataclass

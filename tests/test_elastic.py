@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
 import elastic_worker  # noqa: E402
+from weight_compare import CANCELLED_BIAS, beyond, running_statistics, trained_parameters  # noqa: E402
 
 from dwnet.distributed import free_port  # noqa: E402
 from dwnet.checkpoint import checkpointing, layout, universal  # noqa: E402
@@ -94,42 +95,29 @@ def test_zero_stage_change_on_resume_restores_the_state(saved_on_two_ranks, tmp_
     assert differences(saved["z3_bf16"], down) == []
 
 
-def beyond(first: dict, second: dict, keys: list[str], tolerance: float) -> tuple[int, int, float]:
-    """(elements differing by more than `tolerance`, elements compared, largest difference)."""
-    diffs = torch.cat([(first[k].float() - second[k].float()).abs().flatten() for k in keys])
-    return int((diffs > tolerance).sum()), diffs.numel(), diffs.max().item()
-
-
 def test_one_rank_with_accumulation_trains_like_two_ranks(tmp_path):
     """Same micro-batches in every step (drop-path masks included): only the summation order differs.
 
-    Rounding noise is not the same everywhere: where a gradient is (nearly) zero, its rounding noise
-    is all there is, and Adam scales it up to a full-size step. So: the biases of convolutions that
-    feed a BatchNorm directly (`attn2conv.conv.bias`, which it cancels: the next test proves it) are
-    exempt, and of all other parameters' elements at most 1 in 10,000 may differ by more than 1e-4
-    (none by more than 1e-3). BatchNorm running statistics (averaged over ranks, as at every save)
-    must agree too: `bn_accumulation` makes them independent of the layout. Exempt there: the running
-    mean of the BatchNorm right after an exempted bias (`attn2conv.bn.running_mean`), which tracks
-    that bias's drift (and cancels it at eval). `num_batches_tracked` counts each rank's own
+    Rounding noise is not the same everywhere (tests/weight_compare.py): the biases BatchNorm cancels
+    are exempt (the next test proves it cancels them), and of all other parameters' elements at most
+    1 in 10,000 may differ by more than 1e-4 (none by more than 1e-3). BatchNorm running statistics
+    (averaged over ranks, as at every save) must agree too: `bn_accumulation` makes them independent
+    of the layout; exempt there is the running mean that tracks a cancelled bias. `num_batches_tracked` counts each rank's own
     micro-batches, so it is layout-dependent by definition and not compared."""
     extra = ("model.drop_path_rate=0.2", "augment.label_smoothing=0.1")
     one = run_phase(1, "train", tmp_path / "one", ["z2_fp32"], "optim.accumulation_steps=4", *extra)["z2_fp32"]
     two = run_phase(2, "train", tmp_path / "two", ["z2_fp32"], "optim.accumulation_steps=2", *extra)["z2_fp32"]
-    params = [k for k in one if "running" not in k and "num_batches" not in k and not k.endswith(CANCELLED_BIAS)]
+    params = trained_parameters(one)
     assert len(params) > 50
     off, total, largest = beyond(one, two, params, 1e-4)
     assert off <= total // 10_000 and largest < 1e-3, (off, total, largest)
-    statistics = [k for k in one if k.endswith(("running_mean", "running_var")) and not k.endswith(TRACKS_BIAS)]
+    statistics = running_statistics(one)
     assert len(statistics) > 20
     for key in statistics:
         torch.testing.assert_close(one[key], two[key], atol=1e-4, rtol=1e-4, msg=key)
     other_masks = run_phase(1, "train", tmp_path / "seed", ["z2_fp32"], "optim.accumulation_steps=4",
                             "engine.seed=1", *extra)["z2_fp32"]
     assert beyond(one, other_masks, params, 1e-4)[0] > total // 100  # what a real difference looks like
-
-
-CANCELLED_BIAS = "attn2conv.conv.bias"
-TRACKS_BIAS = "attn2conv.bn.running_mean"  # the BatchNorm fed by CANCELLED_BIAS
 
 
 def test_the_exempted_biases_are_cancelled_by_batchnorm_in_training():

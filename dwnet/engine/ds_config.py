@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from dwnet.config import ConfigError, RunConfig, read_mapping_file
+from dwnet.config import ConfigError, EngineConfig, RunConfig, read_mapping_file
 from dwnet.data.sharding import StepLayout
 
 # Keys that the run config owns; a user DeepSpeed file may not contradict them silently.
@@ -18,12 +18,13 @@ _OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumu
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def uses_fused_step(zero_stage: int, precision: str) -> bool:
-    """Without ZeRO, dwnet's `FusedAdamW` averages, clips and vetoes the gradients itself (a few
-    multi-tensor operations instead of DeepSpeed's per-tensor ones), and bf16 is autocast over fp32
-    weights (DeepSpeed's `torch_autocast`): no bf16 weight copies, no overflow scan, no BatchNorm
-    parameter casts. fp16, with its loss scaling, stays DeepSpeed's."""
-    return zero_stage == 0 and precision in ("fp32", "bf16")
+def uses_fused_step(engine: EngineConfig, precision: str) -> bool:
+    """At ZeRO 0-2 dwnet averages, clips and vetoes the gradients itself in a few multi-tensor
+    operations instead of DeepSpeed's per-tensor ones (`FusedAdamW` without ZeRO, `FlatZeroStep`
+    over DeepSpeed's ZeRO-1/2 partitions), and bf16 is autocast over fp32 weights (DeepSpeed's
+    `torch_autocast`): no bf16 weight copies, no overflow scan, no BatchNorm parameter casts.
+    ZeRO-3 and fp16 (loss scaling) stay DeepSpeed's, and `engine.fused_step=false` asks for it."""
+    return engine.fused_step and engine.zero_stage <= 2 and precision in ("fp32", "bf16")
 
 
 def build_deepspeed_config(cfg: RunConfig, world_size: int, precision: str) -> dict[str, Any]:
@@ -32,13 +33,13 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int, precision: str) -> d
     if precision == "fp16":
         warnings.warn("fp16 with dynamic loss scaling was requested explicitly; the published DWNet base "
                       "models diverge under fp16 AMP. Prefer engine.precision=bf16 or fp32.", stacklevel=2)
-    fused = uses_fused_step(cfg.engine.zero_stage, precision)
+    fused = uses_fused_step(cfg.engine, precision)
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.accumulation_steps,
         "train_batch_size": StepLayout.of(cfg, world_size).global_batch,
         # Written explicitly: DeepSpeed's default changed over releases; the recipe clips at 5.0.
-        # With the fused step the optimizer clips at optim.grad_clip, and DeepSpeed must not clip again.
+        # With the fused step dwnet clips at optim.grad_clip, and DeepSpeed must not clip again.
         "gradient_clipping": 0.0 if fused else cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         "bf16": {"enabled": precision == "bf16" and not fused, "check_grad_overflow": True},

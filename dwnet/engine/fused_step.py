@@ -23,17 +23,25 @@ import torch
 import torch.distributed as dist
 
 
-def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all `tensors` together, one multi-tensor norm per dtype and device (torch's
-    `get_total_norm` also moves every per-tensor norm to one device, an operator call per tensor)."""
+def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of the squares of all elements of `tensors`, an fp64 0-dim tensor: one multi-tensor
+    norm per dtype and device, accumulated in fp64 (as DeepSpeed's norms are; CPU's fp32 norm
+    kernels drift by 1e-4 relative on a flat buffer of a million gradients)."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
     if not groups:
-        return torch.zeros(())
-    norms = [torch.stack(torch._foreach_norm(group)).float() for group in groups.values()]
-    first = norms[0].device
-    return torch.linalg.vector_norm(torch.cat([n.to(first) for n in norms]) if len(norms) > 1 else norms[0])
+        return torch.zeros((), dtype=torch.float64)
+    first = next(iter(groups))[0]
+    sums = [torch.stack(torch._foreach_norm(group, 2, dtype=torch.float64)).square().sum().to(first)
+            for group in groups.values()]
+    return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all `tensors` together as a float32 0-dim tensor (torch's `get_total_norm`
+    also moves every per-tensor norm to one device, an operator call per tensor)."""
+    return sum_of_squares(tensors).sqrt().float()
 
 
 class FusedAdamW(torch.optim.AdamW):

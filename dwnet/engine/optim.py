@@ -46,7 +46,7 @@ class GuardedAdamW(torch.optim.AdamW):
     DeepSpeed's ZeRO and bf16 optimizers already skip such steps and expose `overflow`; this is the
     inner optimizer they wrap, and it refuses such a step itself too, so the guarantee (no parameter
     or optimizer-state change) never rests on one check. DeepSpeed reads `overflow` to count the
-    step as skipped. Without ZeRO (fp32, bf16) `FusedAdamW` is used instead (`uses_fused_step`).
+    step as skipped. With the fused step (ZeRO 0-2, fp32/bf16: `uses_fused_step`) it is not used.
     """
 
     overflow: bool = False
@@ -61,13 +61,16 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, lrs: ScaledLRs,
-                    fused_step: bool = False) -> torch.optim.AdamW:
-    """`FusedAdamW` (clipping at optim.grad_clip itself) when the engine runs the fused step, else
-    `GuardedAdamW` inside DeepSpeed's ZeRO / low-precision optimizer (which clips)."""
+def build_optimizer(model: nn.Module, optim: OptimConfig, lrs: ScaledLRs, fused_step: bool = False,
+                    zero_stage: int = 0) -> torch.optim.AdamW:
+    """With the fused step: `FusedAdamW` without ZeRO (it averages and clips at optim.grad_clip
+    itself), torch's fused AdamW inside ZeRO-1/2 (`FlatZeroStep` averages, clips and sets its
+    `found_inf`). Otherwise `GuardedAdamW` inside DeepSpeed's ZeRO / low-precision optimizer."""
     groups = param_groups(model, optim.weight_decay)
-    if fused_step:
+    if fused_step and zero_stage == 0:
         return FusedAdamW(groups, max_norm=optim.grad_clip, lr=lrs.base, betas=optim.betas, eps=optim.eps)
+    if fused_step:
+        return torch.optim.AdamW(groups, lr=lrs.base, betas=optim.betas, eps=optim.eps, fused=True)
     return GuardedAdamW(groups, lr=lrs.base, betas=optim.betas, eps=optim.eps)
 
 

@@ -35,6 +35,7 @@ from .bn_accumulation import accumulation_momentum, batchnorms
 from .capture import begin_captured_step, compile_options
 from .ds_config import DTYPES, build_deepspeed_config, uses_fused_step
 from .ema import StepGatedEma
+from .flat_zero import FlatZeroStep
 from .fused_step import FusedAdamW
 from .meters import EpochMeter
 from .metrics import evaluate
@@ -138,16 +139,21 @@ class Trainer:
             model.load_state_dict(state_dict)
         self.ema = StepGatedEma(model, decay=cfg.engine.ema_decay, device=self.device) if cfg.engine.ema else None
         self.lrs = scaled_lrs(cfg.optim, self.layout.global_batch)
-        optimizer = build_optimizer(model, cfg.optim, self.lrs,
-                                    fused_step=uses_fused_step(cfg.engine.zero_stage, precision))
+        fused = uses_fused_step(cfg.engine, precision)
+        optimizer = build_optimizer(model, cfg.optim, self.lrs, fused_step=fused, zero_stage=cfg.engine.zero_stage)
         self.progress.precision = precision
         self.ds_config = build_deepspeed_config(cfg, self.world_size, precision)
         if load_universal:  # read only by load_checkpoint: saves stay in the ordinary format
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
+        # The fused step's device verdict (FusedAdamW, FlatZeroStep), or None: DeepSpeed's host bool.
+        self.fused_step: FusedAdamW | FlatZeroStep | None = None
         if isinstance(optimizer, FusedAdamW):
             optimizer.attach(self.engine)
+            self.fused_step = optimizer
+        elif fused:
+            self.fused_step = FlatZeroStep.install(self.engine, max_norm=cfg.optim.grad_clip)
         self.batchnorms = batchnorms(self.engine.module)
         self.captured = False
         if cfg.model.compile:
@@ -305,10 +311,10 @@ class Trainer:
         return outcome
 
     def _step_not_applied(self) -> torch.Tensor | bool:
-        """The optimizer's own verdict on the step just taken: FusedAdamW's device flag, or the
-        host bool DeepSpeed's ZeRO / low-precision optimizers keep."""
-        if isinstance(self.optimizer, FusedAdamW):
-            return self.optimizer.step_skipped
+        """The optimizer's own verdict on the step just taken: the fused step's device flag, or the
+        host bool DeepSpeed's ZeRO-3 / low-precision optimizers keep."""
+        if self.fused_step is not None:
+            return self.fused_step.step_skipped
         return not self.engine.was_step_applied()
 
     def _memory_scalars(self) -> dict[str, float]:
