@@ -21,9 +21,10 @@ Where things live (one home per contract):
   the check that the network interface reaches the rendezvous (`interface_probe`).
 - `checkpoint/`: everything a checkpoint is, never importing `engine/`. Names of tags, pointers and
   DeepSpeed's files, the COMPLETE metadata (`TagMeta`) and sizes (`layout`, the leaf); saving,
-  loading, pruning and verifying tags (`checkpointing`); disk space (`space`); resharding through
-  DeepSpeed's universal checkpoint (`universal`); which tag to resume and how on this rank layout
-  (`resume`); the run's position (`progress`); `RunCheckpointer`, handed the Trainer's states:
+  loading, pruning and verifying tags (`checkpointing`); the optimizer state of a ZeRO-0 tag into
+  the fused step, whichever DeepSpeed optimizer wrote it (`optimizer_state`); disk space (`space`);
+  resharding through DeepSpeed's universal checkpoint (`universal`); which tag to resume and how
+  on this rank layout (`resume`); the run's position (`progress`); `RunCheckpointer`, handed the Trainer's states:
   save and when, restore, roll back (`run_checkpointer`); the fp32 export (`export`).
 - `finite`: is a model or checkpoint finite (shared by the step guard, saves, export and eval).
 - `timing`: the device clock of the package and of `bench/`.

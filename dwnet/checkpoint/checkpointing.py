@@ -27,7 +27,7 @@ import torch.distributed as dist
 from dwnet.atomic_io import fsync_tree
 from dwnet.data.rng import derive_key, seed_global_generators
 
-from . import universal
+from . import optimizer_state, universal
 from .layout import (BEST, COMPLETE, DAMAGED, LATEST, MODEL_STATES_SUFFIX, POINTERS, DamagedCheckpointError, TagMeta,
                      complete_tags, is_complete, is_tag_name, newest_complete_tag, rng_file, tag_for_step, write_text)
 from .space import CheckpointSpaceError, out_of_space, space_message
@@ -262,12 +262,17 @@ def move_aside(root: str, tag: str) -> str:
 def load(engine, root: str, tag: str, *, seed: int, reshard: bool = False) -> dict[str, Any]:
     """Loads `tag` into the engine (from its universal copy when `reshard`: another world size or
     ZeRO stage) and this rank's RNG states; returns the client state."""
+    # An optimizer DeepSpeed does not wrap (ZeRO-0's fused step) gets its state from dwnet, which
+    # also reads what DeepSpeed's own ZeRO-0 optimizers wrote before it (`optimizer_state`).
+    unwrapped = isinstance(engine.optimizer, torch.optim.Optimizer)
     _, client_state = engine.load_checkpoint(
-        universal.universal_root(root) if reshard else root, tag=tag, load_optimizer_states=True,
+        universal.universal_root(root) if reshard else root, tag=tag, load_optimizer_states=not unwrapped,
         load_lr_scheduler_states=False, load_module_strict=True)
     if client_state is None:
         raise DamagedCheckpointError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint; "
                                      f"rename the tag directory to {tag}{DAMAGED} to fall back to the previous one")
+    if unwrapped:
+        optimizer_state.load_into(engine.optimizer, client_state.pop("optimizer", None), os.path.join(root, tag))
     load_rng_state(root, tag, seed)
     return client_state
 

@@ -44,6 +44,22 @@ def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return sum_of_squares(tensors).sqrt().float()
 
 
+# How torch's AdamW runs, not what it has learnt: a saved state keeps these of the loading optimizer.
+_KERNEL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _keep_kernel_flags(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """A state saved by another AdamW (a ZeRO-0 tag from before the fused step says `fused: None`)
+    must not switch the fused kernel off: the device veto (`found_inf`) needs it. Set before the
+    load, the flags also place the step counts on the parameters' device, as the kernel wants."""
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        return state_dict  # torch's own check names the mismatch
+    groups = [{**saved, **{k: mine[k] for k in _KERNEL_FLAGS if k in mine}}
+              for saved, mine in zip(saved_groups, optimizer.param_groups, strict=True)]
+    return {**state_dict, "param_groups": groups}
+
+
 class FusedAdamW(torch.optim.AdamW):
     """AdamW (fused) that averages gradients over the data-parallel ranks, clips them to `max_norm`
     and refuses a non-finite step on the device. `step_skipped` is the last step's verdict, a
@@ -58,6 +74,8 @@ class FusedAdamW(torch.optim.AdamW):
         self.step_skipped: torch.Tensor | None = None
         self._global_grad_norm: torch.Tensor | None = None
         self._flat: tuple[tuple, torch.Tensor, list[torch.Tensor]] | None = None  # (layout, buffer, views)
+        self.register_load_state_dict_pre_hook(_keep_kernel_flags)
+
 
     def attach(self, engine) -> None:
         """Takes gradient averaging over from `engine` (ZeRO-0 only)."""
