@@ -13,11 +13,14 @@ recoverable by hand); damaged tags are neither resumed, nor pruned, nor discarde
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import os
 import random
 import shutil
 import zipfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -28,7 +31,7 @@ from dwnet.atomic_io import fsync_tree
 from dwnet.data.rng import derive_key, seed_global_generators
 
 from . import optimizer_state, universal
-from .layout import (BEST, COMPLETE, DAMAGED, LATEST, MODEL_STATES_SUFFIX, POINTERS, DamagedCheckpointError, TagMeta,
+from .layout import (BEST, BF16_ZERO_SHARDS_GLOB, COMPLETE, DAMAGED, LATEST, MODEL_STATES_SUFFIX, POINTERS, DamagedCheckpointError, TagMeta,
                      complete_tags, is_complete, is_tag_name, newest_complete_tag, rng_file, tag_for_step, write_text)
 from .space import CheckpointSpaceError, out_of_space, space_message
 
@@ -265,16 +268,42 @@ def load(engine, root: str, tag: str, *, seed: int, reshard: bool = False) -> di
     # An optimizer DeepSpeed does not wrap (ZeRO-0's fused step) gets its state from dwnet, which
     # also reads what DeepSpeed's own ZeRO-0 optimizers wrote before it (`optimizer_state`).
     unwrapped = isinstance(engine.optimizer, torch.optim.Optimizer)
-    _, client_state = engine.load_checkpoint(
-        universal.universal_root(root) if reshard else root, tag=tag, load_optimizer_states=not unwrapped,
-        load_lr_scheduler_states=False, load_module_strict=True)
+    with _zero_shards_named_as_saved(engine, os.path.join(root, tag), active=not (unwrapped or reshard)):
+        _, client_state = engine.load_checkpoint(
+            universal.universal_root(root) if reshard else root, tag=tag, load_optimizer_states=not unwrapped,
+            load_lr_scheduler_states=False, load_module_strict=True)
     if client_state is None:
         raise DamagedCheckpointError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint; "
                                      f"rename the tag directory to {tag}{DAMAGED} to fall back to the previous one")
     if unwrapped:
         optimizer_state.load_into(engine.optimizer, client_state.pop("optimizer", None), os.path.join(root, tag))
+    elif engine.zero_optimization_stage() in (1, 2):
+        # DeepSpeed restores the fp32 master partitions and leaves the weights as the module file
+        # holds them, bf16 copies if DeepSpeed's bf16 wrote it: the weights become the masters
+        # (a collective: every rank loads).
+        engine.optimizer.update_lp_params()
     load_rng_state(root, tag, seed)
     return client_state
+
+
+@contextlib.contextmanager
+def _zero_shards_named_as_saved(engine, tag_dir: str, active: bool) -> Iterator[None]:
+    """DeepSpeed names a tag's ZeRO optimizer shards after the bf16 mode of the engine that wrote it
+    (`bf16_zero_pp_rank_*` with its bf16 on) and reads them under the name its own mode gives: a tag
+    of DeepSpeed's bf16 (`engine.fused_step=false`, or dwnet before the flat ZeRO step) read by the
+    autocast engine, or the reverse, is "not found", and DeepSpeed's fallback to the other name
+    never fires (its name lookup never reports a miss). While loading, the engine reads the names
+    the tag has (`_get_zero_ckpt_prefix` of this one engine instance)."""
+    saved_bf16 = bool(glob.glob(os.path.join(tag_dir, BF16_ZERO_SHARDS_GLOB)))
+    if not active or not engine.zero_optimization() or saved_bf16 == engine.bfloat16_enabled():
+        yield
+        return
+    own = engine._get_zero_ckpt_prefix
+    engine._get_zero_ckpt_prefix = lambda dp_rank, bf16_mode: own(dp_rank, bf16_mode=saved_bf16)
+    try:
+        yield
+    finally:
+        del engine._get_zero_ckpt_prefix  # saves keep the engine's own names
 
 
 def load_rng_state(root: str, tag: str, seed: int) -> None:

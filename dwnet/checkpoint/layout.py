@@ -36,6 +36,8 @@ IDENTITY = "identity"  # COMPLETE key: model, num_classes, global batch, data si
 MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 MODEL_STATES_SUFFIX = "model_states.pt"
 OPTIM_STATES_GLOB = "*optim_states.pt"  # per-rank optimizer shards (ZeRO 1-3, bf16 at ZeRO-0)
+# ZeRO optimizer shards written by an engine with DeepSpeed's bf16 on carry this prefix.
+BF16_ZERO_SHARDS_GLOB = "bf16_zero_pp_rank_*optim_states.pt"
 
 
 class DamagedCheckpointError(UserError):

@@ -15,6 +15,10 @@ _OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumu
           "gradient_clipping", "optimizer", "scheduler")
 
 
+# Settings of DeepSpeed's per-parameter ZeRO-1/2 gradient path, which the flat ZeRO step replaces.
+_DEEPSPEED_STEP_ONLY = {"overlap_comm", "contiguous_gradients", "reduce_bucket_size", "reduce_scatter",
+                        "round_robin_gradients"}
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -84,6 +88,11 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int, precision: str) -> d
         ds = merged
         if fused:  # a user file repeating optim.grad_clip must not make DeepSpeed clip a second time
             ds["gradient_clipping"] = 0.0
+            ignored = sorted(set(user.get("zero_optimization", {})) & _DEEPSPEED_STEP_ONLY)
+            if ignored and cfg.engine.zero_stage in (1, 2):
+                warnings.warn(f"{cfg.engine.deepspeed_config}: zero_optimization.{', '.join(ignored)} tune "
+                              "DeepSpeed's own ZeRO step; the fused step reduces once per step and ignores them "
+                              "(set engine.fused_step=false to use them)", stacklevel=2)
     return ds
 
 

@@ -48,9 +48,10 @@ def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 _KERNEL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
-def _keep_kernel_flags(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
-    """A state saved by another AdamW (a ZeRO-0 tag from before the fused step says `fused: None`)
-    must not switch the fused kernel off: the device veto (`found_inf`) needs it. Set before the
+def keep_kernel_flags(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """A `load_state_dict` pre-hook: a state saved by another AdamW (a tag of DeepSpeed's own path,
+    or from before the fused step, says `fused: None`) must not switch the fused kernel off: the
+    device veto (`found_inf`) needs it. Set before the
     load, the flags also place the step counts on the parameters' device, as the kernel wants."""
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
@@ -74,8 +75,7 @@ class FusedAdamW(torch.optim.AdamW):
         self.step_skipped: torch.Tensor | None = None
         self._global_grad_norm: torch.Tensor | None = None
         self._flat: tuple[tuple, torch.Tensor, list[torch.Tensor]] | None = None  # (layout, buffer, views)
-        self.register_load_state_dict_pre_hook(_keep_kernel_flags)
-
+        self.register_load_state_dict_pre_hook(keep_kernel_flags)
 
     def attach(self, engine) -> None:
         """Takes gradient averaging over from `engine` (ZeRO-0 only)."""

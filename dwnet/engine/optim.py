@@ -10,7 +10,7 @@ from timm.scheduler import CosineLRScheduler
 
 from dwnet.config import OptimConfig
 
-from .fused_step import FusedAdamW
+from .fused_step import FusedAdamW, keep_kernel_flags
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,9 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, lrs: ScaledLRs, fused_
     if fused_step and zero_stage == 0:
         return FusedAdamW(groups, max_norm=optim.grad_clip, lr=lrs.base, betas=optim.betas, eps=optim.eps)
     if fused_step:
-        return torch.optim.AdamW(groups, lr=lrs.base, betas=optim.betas, eps=optim.eps, fused=True)
+        inner = torch.optim.AdamW(groups, lr=lrs.base, betas=optim.betas, eps=optim.eps, fused=True)
+        inner.register_load_state_dict_pre_hook(keep_kernel_flags)  # DeepSpeed's ZeRO loads its state
+        return inner
     return GuardedAdamW(groups, lr=lrs.base, betas=optim.betas, eps=optim.eps)
 
 

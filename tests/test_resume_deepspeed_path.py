@@ -1,16 +1,18 @@
-"""ZeRO-0 tags written before the fused step resume into it with their whole state.
+"""Tags written by DeepSpeed's own step resume into the fused step with their whole state.
 
-dwnet up to 8f48e96 ran ZeRO-0 through DeepSpeed's optimizers: bf16 in DeepSpeed's low-precision
-wrapper (bf16 weights; fp32 master copies and the AdamW moments in the wrapper's own state dict),
-fp32 in a DeepSpeed-held torch AdamW. The old tags are written here by the current Trainer with the
-fused step switched off, which builds exactly that engine (`bf16.enabled=true` at ZeRO-0, GuardedAdamW),
-so DeepSpeed itself writes the old format; the test asserts the format before resuming it.
+DeepSpeed's path is `engine.fused_step=false`, and what every dwnet up to 8f48e96 ran: at ZeRO-0,
+bf16 in DeepSpeed's low-precision wrapper (bf16 weights; fp32 master copies and the AdamW moments in
+the wrapper's own state dict) and fp32 in a DeepSpeed-held torch AdamW; at ZeRO-1/2 DeepSpeed's ZeRO
+optimizer over bf16 or fp32 weights with an unfused AdamW inside. The tags are written here by the
+current Trainer with `engine.fused_step=false`, so DeepSpeed itself writes the format; the tests
+assert the format before resuming it.
 
-Before the fix, the bf16 tag failed to load (KeyError: 'param_groups') and the fp32 tag loaded but
-failed at its first step (the saved `fused: None` switched the fused kernel off).
+Before the fix, the bf16 ZeRO-0 tag failed to load (KeyError: 'param_groups') and the fp32 one
+loaded but failed at its first step (the saved `fused: None` switched the fused kernel off).
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import sys
@@ -22,36 +24,31 @@ sys.path.insert(0, os.path.dirname(__file__))
 import engine_worker  # noqa: E402
 from tensor_loaders import TensorTrainLoader, TensorValLoader, synthetic_dataset  # noqa: E402
 
-import dwnet.engine.ds_config  # noqa: E402
-import dwnet.engine.trainer  # noqa: E402
 from dwnet.checkpoint import layout  # noqa: E402
-from dwnet.checkpoint.export import read_client_state  # noqa: E402
+from dwnet.checkpoint.export import consolidated_state_dict, read_client_state  # noqa: E402
 from dwnet.checkpoint.optimizer_state import OptimizerStateError  # noqa: E402
 from dwnet.engine import Trainer  # noqa: E402
+from dwnet.engine.flat_zero import FlatZeroStep  # noqa: E402
 from dwnet.engine.fused_step import FusedAdamW  # noqa: E402
 
 SETTINGS = ("optim.epochs=2", "engine.ema=true", "engine.ema_decay=0.9", "optim.warmup_epochs=0.5")
 
 
-def make_trainer(run_dir, precision: str) -> Trainer:
+def make_trainer(run_dir, precision: str, stage: int = 0, *extra: str) -> Trainer:
     cfg = engine_worker.tiny_run_config(str(run_dir), *SETTINGS, f"engine.precision={precision}",
-                                        "engine.zero_stage=0", "checkpoint.every_steps=5",
-                                        "checkpoint.keep_last=10")
+                                        f"engine.zero_stage={stage}", "checkpoint.every_steps=5",
+                                        "checkpoint.keep_last=10", *extra)
     images, labels = synthetic_dataset(128)  # 8 steps per epoch
     train = TensorTrainLoader(images, labels, cfg.data.batch_size, seed=cfg.engine.seed)
     val = TensorValLoader(images[:64], labels[:64], 32)
     return Trainer(cfg, 0, 1, torch.device("cpu"), train_loader=train, val_loader=val)
 
 
-def old_run(run_dir, precision: str, monkeypatch) -> dict:
-    """One epoch and a tag at step 5 through DeepSpeed's ZeRO-0 optimizers (dwnet before the fused
-    step); the states of the step-5 tag."""
-    with monkeypatch.context() as patch:
-        for module in (dwnet.engine.trainer, dwnet.engine.ds_config):
-            patch.setattr(module, "uses_fused_step", lambda zero_stage, precision: False)
-        old = make_trainer(run_dir, precision)
-        assert not isinstance(old.optimizer, FusedAdamW)
-        old.fit()
+def old_run(run_dir, precision: str, stage: int = 0) -> dict:
+    """Two epochs and a tag at step 5 through DeepSpeed's own step; the states of the step-5 tag."""
+    old = make_trainer(run_dir, precision, stage, "engine.fused_step=false")
+    assert old.fused_step is None
+    old.fit()
     assert old.progress.epoch == 2
     root = layout.checkpoint_root(str(run_dir))
     for later in os.listdir(root):  # relaunch on the step-5 tag: mid-epoch, past the warmup
@@ -80,8 +77,8 @@ def assert_carried_over(new: Trainer, masters: list[torch.Tensor], inner: dict, 
         torch.testing.assert_close(buffers[name], value, atol=0, rtol=0, msg=name)
 
 
-def test_old_bf16_zero0_tag_resumes_into_the_fused_step(tmp_path, process_group, monkeypatch):
-    saved = old_run(tmp_path, "bf16", monkeypatch)
+def test_old_bf16_zero0_tag_resumes_into_the_fused_step(tmp_path, process_group):
+    saved = old_run(tmp_path, "bf16")
     wrapper = saved["optimizer"]
     assert {"optimizer_state_dict", "fp32_groups"} <= set(wrapper)  # DeepSpeed's bf16 wrapper format
     assert next(iter(saved["module"].values())).dtype == torch.bfloat16
@@ -97,8 +94,8 @@ def test_old_bf16_zero0_tag_resumes_into_the_fused_step(tmp_path, process_group,
     assert again.finished and again.progress.step == 16
 
 
-def test_old_fp32_zero0_tag_resumes_into_the_fused_step(tmp_path, process_group, monkeypatch):
-    saved = old_run(tmp_path, "fp32", monkeypatch)
+def test_old_fp32_zero0_tag_resumes_into_the_fused_step(tmp_path, process_group):
+    saved = old_run(tmp_path, "fp32")
     inner = saved["optimizer"]
     assert {"state", "param_groups"} <= set(inner) and inner["param_groups"][0]["fused"] is None
 
@@ -110,8 +107,8 @@ def test_old_fp32_zero0_tag_resumes_into_the_fused_step(tmp_path, process_group,
     assert new.progress.step == 16
 
 
-def test_unreadable_optimizer_state_stops_in_one_line(tmp_path, process_group, monkeypatch):
-    old_run(tmp_path, "bf16", monkeypatch)
+def test_unreadable_optimizer_state_stops_in_one_line(tmp_path, process_group):
+    old_run(tmp_path, "bf16")
     path = os.path.join(layout.checkpoint_root(str(tmp_path)), "step_00000005", layout.MODEL_STATES_FILES[0])
     states = torch.load(path, weights_only=False)
     states["optimizer"] = {"base_optimizer_state": {}, "single_partition_of_fp32_groups": []}
@@ -120,3 +117,37 @@ def test_unreadable_optimizer_state_stops_in_one_line(tmp_path, process_group, m
         make_trainer(tmp_path, "bf16")
     message = str(err.value)
     assert "\n" not in message and os.path.dirname(path) in message and "engine.precision=fp32" in message
+
+
+@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "bf16")])
+def test_zero_tag_of_deepspeeds_path_resumes_into_the_flat_step(tmp_path, process_group, stage, precision):
+    """DeepSpeed's ZeRO optimizer loads its own state into the flat step's engine: the fp32 master
+    partitions become the (fp32, autocast) weights, the inner AdamW's moments and step counts carry
+    over with the fused kernel kept on, and training goes on."""
+    saved = old_run(tmp_path, precision, stage)
+    assert next(iter(saved["module"].values())).dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    tag = os.path.join(layout.checkpoint_root(str(tmp_path)), "step_00000005")
+    (shard,) = glob.glob(os.path.join(tag, layout.OPTIM_STATES_GLOB))
+    zero_state = torch.load(shard, weights_only=False)["optimizer_state_dict"]
+    inner = zero_state["base_optimizer_state"]
+    assert inner["param_groups"][0]["fused"] is None  # DeepSpeed's path: the unfused GuardedAdamW
+    master_weights = consolidated_state_dict(layout.checkpoint_root(str(tmp_path)), "step_00000005")
+
+    new = make_trainer(tmp_path, precision, stage)
+    assert new.resume_tag == "step_00000005" and isinstance(new.fused_step, FlatZeroStep)
+    zero = new.engine.optimizer
+    for mine, old in zip(zero.single_partition_of_fp32_groups, zero_state["single_partition_of_fp32_groups"],
+                         strict=True):
+        torch.testing.assert_close(mine.detach(), old, atol=0, rtol=0)
+    for name, value in new.engine.module.named_parameters():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value.detach(), master_weights[name], atol=0, rtol=0, msg=name)
+    base = zero.optimizer
+    assert all(group["fused"] is True for group in base.param_groups)
+    for i, group in enumerate(base.param_groups):
+        state, old = base.state[group["params"][0]], inner["state"][i]
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(state[key].cpu(), old[key], atol=0, rtol=0, msg=key)
+    assert (new.progress.step, new.progress.step_in_epoch) == (5, 5)
+    final = new.fit()
+    assert new.progress.step == 16 and final["train_loss"] < 2.0
