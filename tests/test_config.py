@@ -85,10 +85,15 @@ def test_deepspeed_config_is_derived_and_clipping_always_explicit():
                              "engine.precision=bf16", "optim.grad_clip=5.0"])
     ds = build_deepspeed_config(cfg, world_size=16, precision=cfg.engine.precision)
     assert ds["train_batch_size"] == 64 * 2 * 16 and ds["train_micro_batch_size_per_gpu"] == 64
-    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 5.0
-    assert ds["zero_optimization"]["stage"] == 2
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
-    assert build_deepspeed_config(cfg, 16, precision="fp32")["bf16"]["enabled"] is False
+    assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == 2
+    # The fused step clips (at optim.grad_clip) and autocasts; DeepSpeed must do neither on its own.
+    assert ds["gradient_clipping"] == 0.0 and not ds["bf16"]["enabled"] and ds["torch_autocast"]["enabled"]
+    assert not ds["fp16"]["enabled"]
+    assert build_deepspeed_config(cfg, 16, precision="fp32")["torch_autocast"]["enabled"] is False
+    for own_step in (["engine.fused_step=false"], ["engine.zero_stage=3"]):  # DeepSpeed's step: it clips
+        cfg = load_config(None, ["engine.zero_stage=2", "engine.precision=bf16", "optim.grad_clip=5.0", *own_step])
+        ds = build_deepspeed_config(cfg, world_size=16, precision=cfg.engine.precision)
+        assert ds["gradient_clipping"] == 5.0 and ds["bf16"]["enabled"] and not ds["torch_autocast"]["enabled"]
 
 
 def test_fp16_only_on_request_and_with_a_warning():
@@ -101,9 +106,13 @@ def test_fp16_only_on_request_and_with_a_warning():
 def test_user_deepspeed_file_merges_but_cannot_contradict(tmp_path):
     extra = tmp_path / "extra.json"
     extra.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}}))
-    cfg = load_config(None, [f"engine.deepspeed_config={extra}", "engine.zero_stage=2"])
+    cfg = load_config(None, [f"engine.deepspeed_config={extra}", "engine.zero_stage=2", "engine.fused_step=false"])
     ds = build_deepspeed_config(cfg, 1, cfg.engine.precision)
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["gradient_clipping"] == 5.0
+    cfg.engine.fused_step = True  # the flat ZeRO step has no overlap to tune: it says so
+    with pytest.warns(UserWarning, match=r"zero_optimization.overlap_comm tune DeepSpeed's own ZeRO step.*"
+                                         r"engine.fused_step=false"):
+        assert build_deepspeed_config(cfg, 1, cfg.engine.precision)["gradient_clipping"] == 0.0
 
     extra.write_text(json.dumps({"gradient_clipping": 1.0}))
     with pytest.raises(ConfigError, match="'gradient_clipping'=1.0 contradicts the run config"):
