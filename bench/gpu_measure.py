@@ -19,7 +19,7 @@ DATASHEET_BF16_PEAK = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S
 
 def forward_flops(model: torch.nn.Module, image_size: int, device: torch.device, dtype: torch.dtype) -> float:
     """FLOPs (2 per multiply-add) of one forward pass per image, counted at batch 2 in eval mode, in
-    `dtype`: the weights' own, or autocast to it over fp32 weights (bf16 without ZeRO)."""
+    `dtype`: the weights' own, or autocast to it over fp32 weights (bf16 at ZeRO 0-2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training

@@ -94,9 +94,11 @@ def model_factory(image_size: int) -> Callable:
 
         size_kwargs = {} if image_size == 224 else {"img_size": image_size, "window_size": max(1, min(7, image_size // 8))}
         model = timm.create_model(cfg.model.name, num_classes=cfg.model.num_classes, **size_kwargs)
-        if cfg.engine.precision == "bf16":
-            # DeepSpeed's bf16 casts parameters, not buffers: Swin's float attention-mask buffer would
-            # promote the bf16 attention scores back to fp32.
+        from dwnet.engine.ds_config import uses_fused_step
+
+        if cfg.engine.precision == "bf16" and not uses_fused_step(cfg.engine, "bf16"):
+            # DeepSpeed's bf16 (ZeRO-3) casts parameters, not buffers: Swin's float attention-mask
+            # buffer would promote the bf16 attention scores back to fp32. Autocast needs no cast.
             for buffer in model.buffers():
                 if buffer.is_floating_point():
                     buffer.data = buffer.data.to(torch.bfloat16)
@@ -110,25 +112,20 @@ def engine_sweep(args, name: str, device: torch.device, num_classes: int) -> lis
     from dwnet.engine import Trainer
 
     rows, batches = [], None
-    cases = [(0, args.batch, True), (1, args.batch, True), (2, args.batch, True), (1, 2 * args.batch, True)]
-    if args.precision == "bf16":  # what DeepSpeed's per-parameter gradient overflow scan costs
-        cases.append((1, args.batch, False))
-    for zero_stage, batch, overflow_scan in cases:
+    # The fused step at ZeRO 0-2, and ZeRO-1 through DeepSpeed's own per-tensor step for comparison.
+    cases = [(0, args.batch, True), (1, args.batch, True), (2, args.batch, True), (1, 2 * args.batch, True),
+             (1, args.batch, False)]
+    for zero_stage, batch, fused in cases:
         with tempfile.TemporaryDirectory() as run_dir:
             case = argparse.Namespace(**{**vars(args), "zero_stage": zero_stage, "batch": batch})
-            overrides = []
-            if not overflow_scan:
-                extra = os.path.join(run_dir, "no_overflow_scan.json")
-                with open(extra, "w") as fh:
-                    json.dump({"bf16": {"check_grad_overflow": False}}, fh)
-                overrides.append(f"engine.deepspeed_config={extra}")
+            overrides = [] if fused else ["engine.fused_step=false"]
             trainer = Trainer(run_config(case, name, run_dir, num_classes, extra=overrides), 0, 1, device,
                               model_factory=model_factory(args.image_size))
             data = device_batches(trainer)
             if batch == args.batch:
                 batches = data
             timing = time_engine(trainer, data, max(2, args.warmup // 2), args.steps, device)
-            label = f"engine ZeRO-{zero_stage}, batch {batch}" + ("" if overflow_scan else ", no overflow scan")
+            label = f"engine ZeRO-{zero_stage}, batch {batch}" + ("" if fused else ", DeepSpeed's own step")
             rows.append({"case": label, **timing})
             del trainer, data
     if batches is not None:

@@ -11,8 +11,9 @@ Where things live (one home per contract):
   augmentations, the world-size-independent sample order (`sharding`).
 - `engine/`: the training loop. The `Trainer` (`trainer`), its step guard (`step_guard`: a
   non-finite step changes nothing, decided on the device, and the skip window decides when to roll
-  back), AdamW groups and schedule (`optim`), the ZeRO-0 optimizer step in a few multi-tensor
-  operations (`fused_step`), the EMA gated on the step's verdict (`ema`), the generated DeepSpeed
+  back), AdamW groups and schedule (`optim`), the optimizer step in a few multi-tensor
+  operations: without ZeRO (`fused_step`) and over DeepSpeed's ZeRO-1/2 partitions (`flat_zero`,
+  a monkeypatch of one optimizer instance), the EMA gated on the step's verdict (`ema`), the generated DeepSpeed
   config and dtypes (`ds_config`), compiling and CUDA-graph capture (`capture`), BatchNorm
   momentum under accumulation (`bn_accumulation`), meters, evaluation (`metrics`), the run log,
   progress bar and epoch report (`run_log`), throughput.

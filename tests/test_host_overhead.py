@@ -31,7 +31,7 @@ def test_fused_step_costs_no_more_than_plain_pytorch(rows, precision, stage):
     for r in case:
         assert r["ratio"] <= host_overhead.TARGET, r
         assert r["engine_syncs"] == 0, f"the step read a device value on the host: {r}"
-    grown = host_overhead.growth(case)[(precision, stage)]
+    grown = host_overhead.growth(case)[(precision, stage, "fused")]
     assert grown["engine"] <= grown["plain"], f"engine overhead grows with the number of parameter tensors: {grown}"
 
 

@@ -2,7 +2,7 @@
 
 `model.compile_mode: reduce-overhead` is torch.compile's CUDA-graph mode: the compiled forward and
 backward are replayed as graphs, so a step costs a handful of launches instead of thousands. The
-rest of the step is already a few launches without ZeRO (`fused_step`). Where the configuration
+rest of the step is already a few launches at ZeRO 0-2 (`fused_step`, `flat_zero`). Where the configuration
 cannot be captured, `compile_options` says why in one line and the engine is compiled without
 graphs, which still fuses kernels.
 """

@@ -4,8 +4,8 @@ What a step can change, and how each is protected when the step is skipped:
 - parameters and optimizer state: the update is vetoed by the optimizer's own check.
   A rank that saw a non-finite loss or BatchNorm statistic multiplies its last micro-batch's loss
   by NaN, so its gradients are non-finite; gradients are reduced over ranks before any optimizer
-  step, so every rank's check refuses the same update: `FusedAdamW`'s device flag without ZeRO,
-  DeepSpeed's overflow check at ZeRO 1-3. This also catches a *finite* loss whose activations
+  step, so every rank's check refuses the same update: the fused step's device flag at ZeRO 0-2
+  (`FusedAdamW`, `FlatZeroStep`), DeepSpeed's overflow check at ZeRO-3. This also catches a *finite* loss whose activations
   overflowed a BN statistic.
 - BatchNorm running statistics and `num_batches_tracked` (and any other buffer): written by the
   forward pass itself, before anything can be checked. They are copied at the start of the step

@@ -126,8 +126,8 @@ class Trainer:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The run's compute dtype, which inputs are cast to (bf16 without ZeRO: autocast over fp32
-        weights, so run `engine.module` itself under autocast)."""
+        """The run's compute dtype, which inputs are cast to (bf16 at ZeRO 0-2 with the fused step:
+        autocast over fp32 weights, so run `engine.module` itself under autocast)."""
         return DTYPES[self.progress.precision]
 
     def build_engine(self, precision: str, state_dict: dict | None = None, load_universal: bool = False) -> None:
