@@ -25,18 +25,26 @@ def floating_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, buf
 
 
+def per_tensor_norms(tensors: Sequence[torch.Tensor], ord: float = 2.0,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The `ord`-norm of each of `tensors`, as one 1-D `dtype` tensor on the first one's device, in
+    one multi-tensor norm per device and dtype (no host sync, no operator call per tensor). Shared
+    by the finiteness checks (inf-norm) and the fused steps' global gradient norm (2-norm, fp64)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    if not groups:
+        return torch.zeros(0, dtype=dtype)
+    first = tensors[0].device
+    norms = [torch.stack(torch._foreach_norm(group, ord, dtype=dtype)).to(first) for group in groups.values()]
+    return norms[0] if len(norms) == 1 else torch.cat(norms)
+
+
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """One boolean device tensor (no host sync): are all `tensors` free of NaN and Inf?
 
-    The max-abs norm keeps NaN and Inf and, unlike a sum, cannot overflow on finite values; the
-    foreach form is one fused kernel per device and dtype on GPU."""
-    if not tensors:
-        return torch.tensor(True)
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    norms = [torch.stack(torch._foreach_norm(group, float("inf"))).float() for group in by_dtype.values()]
-    return torch.isfinite(torch.cat(norms) if len(norms) > 1 else norms[0]).all()
+    The max-abs norm keeps NaN and Inf and, unlike a sum, cannot overflow on finite values."""
+    return torch.isfinite(per_tensor_norms(tensors, float("inf"))).all()
 
 
 def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:

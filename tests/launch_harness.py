@@ -81,6 +81,30 @@ def sshd_config(keys: Path, listen: str, port: int, pid_file: Path, *extra: str)
     return "\n".join(lines) + "\n"
 
 
+def make_keys(keys: Path) -> None:
+    """A host key and a client key made for the test in `keys`, the client key authorised."""
+    for name in ("host_ed25519", "id_ed25519"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"dwnet-test-{name}",
+                        "-f", str(keys / name)], check=True, stdin=subprocess.DEVNULL)
+    (keys / "authorized_keys").write_text((keys / "id_ed25519.pub").read_text())
+    os.chmod(keys / "authorized_keys", 0o600)
+
+
+def ssh_client(keys: Path, port: int, bin_dir: Path, why: str, *extra: str) -> Path:
+    """An ssh client config for the test's key on `port` (no host-key prompts, batch mode), and an
+    `ssh` wrapper in `bin_dir` that uses it (put `bin_dir` first on PATH); returns the config."""
+    config = keys / "ssh_config"
+    lines = ["Host *", f"Port {port}", "User root", "AddressFamily inet", f"IdentityFile {keys / 'id_ed25519'}",
+             "IdentitiesOnly yes", "StrictHostKeyChecking no", "UserKnownHostsFile /dev/null",
+             "GlobalKnownHostsFile /dev/null", "BatchMode yes", "ConnectTimeout 10", *extra, "LogLevel ERROR"]
+    config.write_text("\n  ".join(lines) + "\n")
+    bin_dir.mkdir(exist_ok=True)
+    wrapper = bin_dir / "ssh"
+    wrapper.write_text(f'#!/bin/sh\n# test-only: {why}\nexec {SSH} -F {config} "$@"\n')
+    wrapper.chmod(0o755)
+    return config
+
+
 def alive(pid: int) -> bool:
     """True while `pid` runs (a zombie waiting for its parent counts as gone)."""
     try:
@@ -157,39 +181,15 @@ class LoopbackSSH:
         self.config = self.dir / "ssh_config"
 
     # -- setup --
-    def _keys(self) -> None:
-        for name in ("host_ed25519", "id_ed25519"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"dwnet-test-{name}",
-                            "-f", str(self.dir / name)], check=True, stdin=subprocess.DEVNULL)
-        (self.dir / "authorized_keys").write_text((self.dir / "id_ed25519.pub").read_text())
-        os.chmod(self.dir / "authorized_keys", 0o600)
-
     def _write_configs(self) -> None:
         d = self.dir
         (d / "sshd_config").write_text(sshd_config(d, "127.0.0.1", self.port, d / "sshd.pid"))
-        self.config.write_text(f"""\
-Host *
-  Port {self.port}
-  User root
-  AddressFamily inet
-  IdentityFile {d / 'id_ed25519'}
-  IdentitiesOnly yes
-  StrictHostKeyChecking no
-  UserKnownHostsFile /dev/null
-  GlobalKnownHostsFile /dev/null
-  BatchMode yes
-  ConnectTimeout 10
-  LogLevel ERROR
-""")
-        self.bin_dir.mkdir(exist_ok=True)
-        wrapper = self.bin_dir / "ssh"
-        wrapper.write_text(f'#!/bin/sh\n# test-only: every ssh goes to the loopback sshd\nexec {SSH} -F {self.config} "$@"\n')
-        wrapper.chmod(0o755)
+        self.config = ssh_client(d, self.port, self.bin_dir, "every ssh goes to the loopback sshd")
 
     def start(self, attempts: int = 3) -> LoopbackSSH:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation directory
-        self._keys()
+        make_keys(self.dir)
         last = ""
         for _ in range(attempts):
             self.port = free_port()

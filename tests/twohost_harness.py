@@ -23,7 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from launch_harness import SSH, SSHD, Launch, _die_with_parent, kill_pids, sshd_config
+from launch_harness import SSHD, Launch, _die_with_parent, kill_pids, make_keys, ssh_client, sshd_config
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
 
@@ -93,36 +93,12 @@ class TwoHosts:
     # -- ssh --
     def _ssh(self) -> None:
         d = self.dir
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "id_ed25519")], check=True,
-                       stdin=subprocess.DEVNULL)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_ed25519")], check=True,
-                       stdin=subprocess.DEVNULL)
-        (d / "authorized_keys").write_text((d / "id_ed25519.pub").read_text())
-        os.chmod(d / "authorized_keys", 0o600)
+        make_keys(d)
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         # ServerAlive: a client whose server went silent (cut link) gives up in ~15 s, so pdsh and
         # mpirun see that host's session end instead of waiting for TCP's own timeout (minutes)
-        (d / "ssh_config").write_text(f"""\
-Host *
-  Port 22
-  User root
-  AddressFamily inet
-  IdentityFile {d / 'id_ed25519'}
-  IdentitiesOnly yes
-  StrictHostKeyChecking no
-  UserKnownHostsFile /dev/null
-  GlobalKnownHostsFile /dev/null
-  BatchMode yes
-  ConnectTimeout 10
-  ServerAliveInterval 5
-  ServerAliveCountMax 3
-  LogLevel ERROR
-""")
-        self.bin_dir.mkdir(exist_ok=True)
-        wrapper = self.bin_dir / "ssh"
-        wrapper.write_text(f'#!/bin/sh\n# test-only: ssh with the two-host test key\n'
-                           f'exec {SSH} -F {d / "ssh_config"} "$@"\n')
-        wrapper.chmod(0o755)
+        ssh_client(d, 22, self.bin_dir, "ssh with the two-host test key", "ServerAliveInterval 5",
+                   "ServerAliveCountMax 3")
         for host, ns in self.ns.items():
             config = d / f"sshd_{host}.conf"
             # the host end of a cut link gives up on its sessions too
@@ -137,7 +113,7 @@ Host *
         deadline = time.monotonic() + 30
         for host in self.ns:
             while True:
-                probe = subprocess.run([IP, "netns", "exec", self.ns["a"], str(wrapper), self.addr[host], "true"],
+                probe = subprocess.run([IP, "netns", "exec", self.ns["a"], str(self.bin_dir / "ssh"), self.addr[host], "true"],
                                        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
                 if probe.returncode == 0:
                     break

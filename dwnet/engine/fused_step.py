@@ -22,20 +22,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dwnet.finite import per_tensor_norms
+
 
 def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The sum of the squares of all elements of `tensors`, an fp64 0-dim tensor: one multi-tensor
-    norm per dtype and device, accumulated in fp64 (as DeepSpeed's norms are; CPU's fp32 norm
-    kernels drift by 1e-4 relative on a flat buffer of a million gradients)."""
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    if not groups:
-        return torch.zeros((), dtype=torch.float64)
-    first = next(iter(groups))[0]
-    sums = [torch.stack(torch._foreach_norm(group, 2, dtype=torch.float64)).square().sum().to(first)
-            for group in groups.values()]
-    return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+    """The sum of the squares of all elements of `tensors`, an fp64 0-dim tensor, accumulated in
+    fp64 as DeepSpeed's norms are (CPU's fp32 norm kernels drift by 1e-4 relative on a flat buffer
+    of a million gradients)."""
+    return per_tensor_norms(tensors, 2.0, dtype=torch.float64).square().sum()
 
 
 def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
