@@ -25,17 +25,10 @@ import torch.distributed as dist
 from dwnet.finite import per_tensor_norms
 
 
-def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The sum of the squares of all elements of `tensors`, an fp64 0-dim tensor, accumulated in
-    fp64 as DeepSpeed's norms are (CPU's fp32 norm kernels drift by 1e-4 relative on a flat buffer
-    of a million gradients)."""
-    return per_tensor_norms(tensors, 2.0, dtype=torch.float64).square().sum()
-
-
 def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all `tensors` together as a float32 0-dim tensor (torch's `get_total_norm`
     also moves every per-tensor norm to one device, an operator call per tensor)."""
-    return sum_of_squares(tensors).sqrt().float()
+    return torch.linalg.vector_norm(per_tensor_norms(tensors))
 
 
 # How torch's AdamW runs, not what it has learnt: a saved state keeps these of the loading optimizer.
