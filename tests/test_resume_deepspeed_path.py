@@ -151,3 +151,32 @@ def test_zero_tag_of_deepspeeds_path_resumes_into_the_flat_step(tmp_path, proces
     assert (new.progress.step, new.progress.step_in_epoch) == (5, 5)
     final = new.fit()
     assert new.progress.step == 16 and final["train_loss"] < 2.0
+
+
+def test_a_flat_step_tag_resumes_into_deepspeeds_own_zero_step(tmp_path, process_group):
+    """The other way round (`engine.fused_step=false` on a run of the fused step): DeepSpeed's bf16
+    engine finds the shards under the names the autocast engine gave them and continues from the
+    same fp32 masters and moments."""
+    first = make_trainer(tmp_path, "bf16", 2)
+    assert isinstance(first.fused_step, FlatZeroStep)
+    first.fit()
+    root = layout.checkpoint_root(str(tmp_path))
+    for later in os.listdir(root):
+        if layout.is_tag_name(later) and later > "step_00000005":
+            shutil.rmtree(os.path.join(root, later))
+    (shard,) = glob.glob(os.path.join(root, "step_00000005", layout.OPTIM_STATES_GLOB))
+    assert not os.path.basename(shard).startswith("bf16_")
+    saved = torch.load(shard, weights_only=False)["optimizer_state_dict"]
+
+    own = make_trainer(tmp_path, "bf16", 2, "engine.fused_step=false")
+    assert own.resume_tag == "step_00000005" and own.fused_step is None
+    zero = own.engine.optimizer
+    for mine, old in zip(zero.single_partition_of_fp32_groups, saved["single_partition_of_fp32_groups"], strict=True):
+        torch.testing.assert_close(mine.detach(), old, atol=0, rtol=0)
+    assert next(own.engine.module.parameters()).dtype == torch.bfloat16  # DeepSpeed's bf16 weights
+    inner = saved["base_optimizer_state"]
+    for i, group in enumerate(zero.optimizer.param_groups):
+        torch.testing.assert_close(zero.optimizer.state[group["params"][0]]["exp_avg"], inner["state"][i]["exp_avg"],
+                                   atol=0, rtol=0)
+    own.fit()
+    assert own.progress.step == 16
