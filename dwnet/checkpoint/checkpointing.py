@@ -31,8 +31,9 @@ from dwnet.atomic_io import fsync_tree
 from dwnet.data.rng import derive_key, seed_global_generators
 
 from . import optimizer_state, universal
-from .layout import (BEST, BF16_ZERO_SHARDS_GLOB, COMPLETE, DAMAGED, LATEST, MODEL_STATES_SUFFIX, POINTERS, DamagedCheckpointError, TagMeta,
-                     complete_tags, is_complete, is_tag_name, newest_complete_tag, rng_file, tag_for_step, write_text)
+from .layout import (BEST, BF16_ZERO_SHARDS_GLOB, COMPLETE, DAMAGED, LATEST, MODEL_STATES_SUFFIX, POINTERS,
+                     DamagedCheckpointError, TagMeta, complete_tags, is_complete, is_tag_name, newest_complete_tag,
+                     rng_file, tag_for_step, write_text)
 from .space import CheckpointSpaceError, out_of_space, space_message
 
 _NEW_RANK = 0x4E52  # RNG key part for ranks a resumed run has and the saving run had not
