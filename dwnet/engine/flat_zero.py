@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dwnet.errors import UserError
 from dwnet.finite import per_tensor_norms
 
 # What the step reads from DeepSpeed's optimizer; checked at install, so a DeepSpeed that renamed
@@ -43,8 +44,9 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-class UnsupportedZeroOptimizer(RuntimeError):
-    pass
+class UnsupportedZeroOptimizer(UserError):
+    """This DeepSpeed or configuration is not what the flat step was written for; one line that
+    names what differs and `engine.fused_step=false` (DeepSpeed's own step)."""
 
 
 @dataclass
