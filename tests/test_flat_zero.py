@@ -31,10 +31,10 @@ def two_rank_results(tmp_path_factory) -> list[dict]:
 @pytest.mark.parametrize("stage", [1, 2])
 def test_flat_step_updates_like_deepspeeds_own_zero_step(two_rank_results, stage):
     """Two ranks, 2 micro-batches per step, clipping active: the same global gradient norm at every
-    step (before clipping), and after 4 steps every weight and running
-    statistic agrees with DeepSpeed's per-tensor ZeRO path to 1e-4 (fused vs unfused AdamW and the
-    order of the average differ in rounding only; the biases BatchNorm cancels are rounding noise
-    scaled up by Adam: tests/weight_compare.py), and the two ranks hold the same weights."""
+    step (before clipping), and after 4 steps every weight and running statistic agrees with
+    DeepSpeed's per-tensor ZeRO path to 1e-4 (fused vs unfused AdamW and the order of the average
+    differ in rounding only; the biases BatchNorm cancels are rounding noise scaled up by Adam:
+    tests/weight_compare.py), and the two ranks hold the same weights."""
     for rank, results in enumerate(two_rank_results):
         flat, own = results[f"z{stage}_flat"], results[f"z{stage}_deepspeed"]
         assert flat["fused_step"] == "FlatZeroStep" and own["fused_step"] is None, (rank, flat["fused_step"])
