@@ -102,5 +102,6 @@ def main(rank: int, world_size: int, port: int, phase: str, out_dir: str, settin
             result = {**state(trainer), "resume_tag": trainer.resume_tag,
                       "accumulation_steps": trainer.cfg.optim.accumulation_steps}
             trainer.checkpointer.save(suffix=f"w{world_size}")  # a tag of this world size, for the next resume
-        if rank == 0:
-            torch.save(result, os.path.join(out_dir, f"{setting}.{phase}.pt"))
+        # Rank 0's is the result; the others' are kept to check that every rank holds the same state.
+        name = f"{setting}.{phase}.pt" if rank == 0 else f"{setting}.{phase}.rank{rank}.pt"
+        torch.save(result, os.path.join(out_dir, name))

@@ -56,6 +56,16 @@ def saved_on_two_ranks(tmp_path_factory) -> tuple[Path, dict]:
     return out, run_phase(2, "save", out, SETTINGS, "optim.accumulation_steps=2")  # global batch 8 x 2 x 2
 
 
+def test_after_a_save_every_rank_holds_what_the_tag_holds(saved_on_two_ranks):
+    """The tag keeps rank 0's copy of what is replicated (weights, BatchNorm statistics, EMA), so
+    every rank must hold the same at a save, or a resume changes the other ranks' state: the EMA's
+    BatchNorm statistics, lerped from each rank's own, once differed by rank and were lost."""
+    source, saved = saved_on_two_ranks
+    for setting in SETTINGS:
+        other = torch.load(source / f"{setting}.save.rank1.pt", weights_only=False)
+        assert differences(saved[setting], other) == [], setting
+
+
 def test_resume_on_one_two_and_four_ranks_restores_the_saved_state_exactly(saved_on_two_ranks, tmp_path):
     source, saved = saved_on_two_ranks
     one = tmp_path / "one"

@@ -348,9 +348,13 @@ class Trainer:
 
     # ---- evaluation -----------------------------------------------------------------------
     def sync_batchnorm_statistics(self) -> None:
-        """Ranks see different batches, so their BN running statistics drift apart; average them."""
+        """Ranks see different batches, so their BN running statistics drift apart; average them,
+        and the EMA's, which are lerped from each rank's own (a save keeps rank 0's copy of both;
+        the EMA being linear, averaging it equals the EMA of the averaged statistics)."""
         if self.world_size > 1 and not self.cfg.model.sync_bn:
             distribute_bn(self.engine.module, self.world_size, reduce=True)
+            if self.ema is not None:
+                distribute_bn(self.ema.module, self.world_size, reduce=True)
 
     def evaluate_all(self) -> dict[str, float]:
         if self.val_loader is None:
