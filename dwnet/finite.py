@@ -29,7 +29,7 @@ def per_tensor_norms(tensors: Sequence[torch.Tensor], ord: float = 2.0,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The `ord`-norm of each of `tensors`, as one 1-D `dtype` tensor on the first one's device, in
     one multi-tensor norm per device and dtype (no host sync, no operator call per tensor). Shared
-    by the finiteness checks (inf-norm) and the fused steps' global gradient norm (2-norm, fp64)."""
+    by the finiteness checks (inf-norm) and the fused steps' global gradient norms (2-norm)."""
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)

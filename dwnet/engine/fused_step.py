@@ -38,8 +38,8 @@ _KERNEL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 def keep_kernel_flags(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
     """A `load_state_dict` pre-hook: a state saved by another AdamW (a tag of DeepSpeed's own path,
     or from before the fused step, says `fused: None`) must not switch the fused kernel off: the
-    device veto (`found_inf`) needs it. Set before the
-    load, the flags also place the step counts on the parameters' device, as the kernel wants."""
+    device veto (`found_inf`) needs it. Set before the load, the flags also place the step counts
+    on the parameters' device, as the kernel wants."""
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
         return state_dict  # torch's own check names the mismatch
